@@ -1,0 +1,32 @@
+# The two commands of the README: `make demo` trains on the embedded dataset, `make test` runs the
+# test suite. Both create .venv/ and install everything on a fresh machine first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
+# The demo trains for a few epochs on a subset of Fashion-MNIST, on the CPU, in a few minutes.
+DEMO_ARGS ?= --model convnext_atto --device cpu --epochs 3 --batch_size 32 --input_size 32 \
+	--train_subset 3000 --eval_subset 1000 --num_workers 2 --lr 2e-3 --warmup_epochs 1 \
+	--mixup 0 --cutmix 0 --reprob 0 --aa none --drop_path 0 --output_dir output/demo \
+	--log_dir output/demo/tb
+
+.PHONY: setup data demo test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -r requirements.txt
+	touch $@
+
+data:
+	@bash tools/install_fashion_mnist.sh
+
+demo: setup data
+	OMP_NUM_THREADS=1 $(PY) main.py $(DEMO_ARGS)
+
+test: setup data
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
+
+clean:
+	rm -rf output

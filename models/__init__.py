@@ -1,0 +1,12 @@
+"""lknets models: one registry for every large-kernel ConvNet family.
+
+``import models`` registers every family (and, with timm, every model name).
+"""
+from .registry import (Family, add_family_args, create_model, family_kwargs, get_family,
+                       list_families, list_models, register_family, register_model,
+                       reparameterize_model)
+from . import convnext  # noqa: F401  (registers the family)
+
+__all__ = ["Family", "add_family_args", "create_model", "family_kwargs", "get_family",
+           "list_families", "list_models", "register_family", "register_model",
+           "reparameterize_model"]

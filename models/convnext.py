@@ -1,0 +1,148 @@
+"""ConvNeXt (Liu et al., 2022), with state_dict keys identical to facebookresearch/ConvNeXt.
+
+It is the baseline of lknets and the skeleton SLaK and the oriented-1D variants build on, so the
+stem/downsample layout and the ConvNeXt layer-id rule live here.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
+
+from .layers import DepthwiseConv2d, DropPath, LayerNorm2d, trunc_normal_
+from .registry import Family, register_family, register_model
+
+
+class ConvNeXtBlock(nn.Module):
+    """dwconv 7x7 -> LN -> Linear(4C) -> GELU -> Linear(C) -> layer scale, plus residual."""
+
+    def __init__(self, dim: int, drop_path: float = 0.0, layer_scale_init_value: float = 1e-6,
+                 kernel_size: int = 7) -> None:
+        super().__init__()
+        self.dwconv = DepthwiseConv2d(dim, kernel_size, bias=True)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.act = nn.GELU()
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+        self.gamma = (nn.Parameter(layer_scale_init_value * torch.ones(dim))
+                      if layer_scale_init_value > 0 else None)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self.dwconv(x).permute(0, 2, 3, 1)
+        x = self.pwconv2(self.act(self.pwconv1(self.norm(x))))
+        if self.gamma is not None:
+            x = self.gamma * x
+        return shortcut + self.drop_path(x.permute(0, 3, 1, 2))
+
+
+def convnext_stem(in_chans: int, dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(in_chans, dim, kernel_size=4, stride=4), LayerNorm2d(dim))
+
+
+def convnext_downsample(in_dim: int, out_dim: int) -> nn.Sequential:
+    return nn.Sequential(LayerNorm2d(in_dim), nn.Conv2d(in_dim, out_dim, kernel_size=2, stride=2))
+
+
+class ConvNeXt(nn.Module):
+    def __init__(self, in_chans: int = 3, num_classes: int = 1000,
+                 depths: Sequence[int] = (3, 3, 9, 3), dims: Sequence[int] = (96, 192, 384, 768),
+                 drop_path_rate: float = 0.0, layer_scale_init_value: float = 1e-6,
+                 head_init_scale: float = 1.0, use_checkpoint: bool = False) -> None:
+        super().__init__()
+        self.use_checkpoint = use_checkpoint
+        self.downsample_layers = nn.ModuleList([convnext_stem(in_chans, dims[0])])
+        self.downsample_layers.extend(
+            convnext_downsample(dims[i], dims[i + 1]) for i in range(len(dims) - 1))
+        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        self.stages = nn.ModuleList()
+        for i, depth in enumerate(depths):
+            start = sum(depths[:i])
+            self.stages.append(nn.Sequential(*[
+                ConvNeXtBlock(dims[i], rates[start + j], layer_scale_init_value)
+                for j in range(depth)]))
+        self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
+        self.head = nn.Linear(dims[-1], num_classes)
+
+        self.apply(_init_weights)
+        with torch.no_grad():
+            self.head.weight.mul_(head_init_scale)
+            self.head.bias.mul_(head_init_scale)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        for downsample, stage in zip(self.downsample_layers, self.stages):
+            x = downsample(x)
+            for block in stage:
+                if self.use_checkpoint and x.requires_grad:
+                    x = checkpoint(block, x, use_reentrant=False)
+                else:
+                    x = block(x)
+        return self.norm(x.mean([-2, -1]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.forward_features(x))
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, (nn.Conv2d, nn.Linear)):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def convnext_layer_id(name: str, num_layers: int = 12) -> int:
+    """ConvNeXt's layer-decay rule: stem 0, stages 1..12 (stage 3 in groups of 3 blocks), head 13.
+
+    Shared by every family built on the ConvNeXt skeleton (``downsample_layers``/``stages``).
+    """
+    parts = name.split(".")
+    if parts[0] == "downsample_layers":
+        stage = int(parts[1])
+        return {0: 0, 1: 2, 2: 3}.get(stage, num_layers)
+    if parts[0] == "stages":
+        stage = int(parts[1])
+        if stage == 2:
+            return 3 + int(parts[2]) // 3
+        return {0: 1, 1: 2}.get(stage, num_layers)
+    return num_layers + 1
+
+
+register_family(Family(name="convnext", layer_id_for=convnext_layer_id))
+
+
+def _convnext(depths: Sequence[int], dims: Sequence[int], **kwargs) -> ConvNeXt:
+    return ConvNeXt(depths=depths, dims=dims, **kwargs)
+
+
+@register_model("convnext")
+def convnext_atto(**kwargs) -> ConvNeXt:
+    """A tiny configuration (timm's naming) for demos and tests."""
+    return _convnext((2, 2, 6, 2), (40, 80, 160, 320), **kwargs)
+
+
+@register_model("convnext")
+def convnext_tiny(**kwargs) -> ConvNeXt:
+    return _convnext((3, 3, 9, 3), (96, 192, 384, 768), **kwargs)
+
+
+@register_model("convnext")
+def convnext_small(**kwargs) -> ConvNeXt:
+    return _convnext((3, 3, 27, 3), (96, 192, 384, 768), **kwargs)
+
+
+@register_model("convnext")
+def convnext_base(**kwargs) -> ConvNeXt:
+    return _convnext((3, 3, 27, 3), (128, 256, 512, 1024), **kwargs)
+
+
+@register_model("convnext")
+def convnext_large(**kwargs) -> ConvNeXt:
+    return _convnext((3, 3, 27, 3), (192, 384, 768, 1536), **kwargs)
+
+
+@register_model("convnext")
+def convnext_xlarge(**kwargs) -> ConvNeXt:
+    return _convnext((3, 3, 27, 3), (256, 512, 1024, 2048), **kwargs)

@@ -1,0 +1,67 @@
+"""Layers shared by every family.
+
+All depthwise convolutions with large kernels go through :func:`depthwise_conv2d` (or the
+:class:`DepthwiseConv2d` module that calls it), so the implementation behind them can be switched
+in one place (torch/cuDNN today; the CUDA extension in ``kernels/`` when it is built).
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.layers import DropPath, trunc_normal_
+
+__all__ = ["DropPath", "trunc_normal_", "LayerNorm2d", "DepthwiseConv2d", "depthwise_conv2d",
+           "to_2tuple"]
+
+IntOrPair = Union[int, Tuple[int, int]]
+
+
+def to_2tuple(value: IntOrPair) -> Tuple[int, int]:
+    if isinstance(value, int):
+        return value, value
+    first, second = value
+    return int(first), int(second)
+
+
+def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+                     padding: Optional[IntOrPair] = None) -> torch.Tensor:
+    """Depthwise, stride-1 cross-correlation of ``x`` (N, C, H, W) with ``weight`` (C, 1, kh, kw).
+
+    ``padding`` defaults to ``(kh // 2, kw // 2)``, which keeps H and W for odd kernels.
+    """
+    kh, kw = weight.shape[-2:]
+    pad = (kh // 2, kw // 2) if padding is None else to_2tuple(padding)
+    return F.conv2d(x, weight, bias, 1, pad, 1, weight.shape[0])
+
+
+class DepthwiseConv2d(nn.Conv2d):
+    """Depthwise stride-1 conv with 'same' padding; parameters and state_dict keys of nn.Conv2d.
+
+    A drop-in for upstream's ``DepthWiseConv2dImplicitGEMM(channels, kernel, bias)``.
+    """
+
+    def __init__(self, channels: int, kernel_size: IntOrPair, bias: bool = False) -> None:
+        kh, kw = to_2tuple(kernel_size)
+        super().__init__(channels, channels, (kh, kw), stride=1, padding=(kh // 2, kw // 2),
+                         groups=channels, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return depthwise_conv2d(x, self.weight, self.bias, self.padding)
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """LayerNorm over the channel dimension of an NCHW tensor (ConvNeXt's channels_first LN).
+
+    Parameters are ``weight`` and ``bias`` of shape (C,), as in upstream's hand-written module.
+    """
+
+    def __init__(self, num_channels: int, eps: float = 1e-6) -> None:
+        super().__init__(num_channels, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)

@@ -1,0 +1,163 @@
+"""The one model registry of lknets.
+
+Every model is registered under the exact name the upstream CLI uses (``RepLKNet-31B``,
+``unireplknet_b``, ``SLaK_tiny``, ``convnext_tiny``) and belongs to a *family*. A family carries
+what the training loop needs to know about a group of models without importing them by name:
+the layer-id rule for layer-wise lr decay, and the family's own command-line flags.
+
+Models are also registered with timm, so ``timm.create_model(name)`` works after ``import models``.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import fnmatch
+import functools
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import torch.nn as nn
+
+
+@dataclass
+class Family:
+    """What the framework knows about one model family.
+
+    layer_id_for: maps a parameter name to its layer-decay group in ``0 .. num_layers + 1``
+        (0 = stem, num_layers + 1 = head).
+    num_layers: number of body groups for layer decay (12 for the ConvNeXt-style rule).
+    add_args: adds the family's flags to the main argument parser.
+    kwargs_from_args: turns parsed flags into constructor keyword arguments for this family.
+    """
+
+    name: str
+    layer_id_for: Callable[[str], int]
+    num_layers: int = 12
+    add_args: Optional[Callable[[argparse.ArgumentParser], None]] = None
+    kwargs_from_args: Optional[Callable[[argparse.Namespace], Dict[str, Any]]] = None
+    models: List[str] = field(default_factory=list)
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    family: str
+    constructor: Callable[..., nn.Module]
+
+
+_FAMILIES: Dict[str, Family] = {}
+_MODELS: Dict[str, ModelEntry] = {}
+
+# Arguments timm.create_model passes to every entry point; our constructors do not take them.
+_TIMM_ONLY_KWARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
+
+
+def register_family(family: Family) -> Family:
+    if family.name in _FAMILIES:
+        raise ValueError(f"model family {family.name!r} is registered twice")
+    _FAMILIES[family.name] = family
+    return family
+
+
+def register_model(family: str, name: Optional[str] = None) -> Callable:
+    """Decorator: register ``fn`` under ``name`` (default: the function's name) in ``family``."""
+
+    def decorator(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        model_name = name or fn.__name__
+        if family not in _FAMILIES:
+            raise ValueError(f"register family {family!r} before its models")
+        if model_name in _MODELS:
+            raise ValueError(f"model {model_name!r} is registered twice")
+        _MODELS[model_name] = ModelEntry(model_name, family, fn)
+        _FAMILIES[family].models.append(model_name)
+        _register_with_timm(model_name, fn)
+        return fn
+
+    return decorator
+
+
+def _register_with_timm(model_name: str, fn: Callable[..., nn.Module]) -> None:
+    from timm.models import register_model as timm_register_model
+
+    @functools.wraps(fn)
+    def timm_entry(pretrained: bool = False, **kwargs: Any) -> nn.Module:
+        if pretrained:
+            raise ValueError(
+                f"lknets does not download weights; build {model_name!r} and load a checkpoint "
+                "with --resume or --finetune")
+        for key in _TIMM_ONLY_KWARGS[1:]:
+            kwargs.pop(key, None)
+        return fn(**kwargs)
+
+    timm_entry.__name__ = model_name
+    timm_entry.__qualname__ = model_name
+    # Upstream repos register these names with timm too (convnext_tiny shadows timm's own);
+    # the override is deliberate, so timm's "overwriting" warning is noise here.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        timm_register_model(timm_entry)
+
+
+def list_models(pattern: str = "*", family: Optional[str] = None) -> List[str]:
+    """Registered model names matching a shell-style ``pattern``, optionally of one family."""
+    names = _FAMILIES[family].models if family is not None else list(_MODELS)
+    return sorted(n for n in names if fnmatch.fnmatchcase(n, pattern))
+
+
+def list_families() -> List[str]:
+    return sorted(_FAMILIES)
+
+
+def _entry(name: str) -> ModelEntry:
+    if name not in _MODELS:
+        close = difflib.get_close_matches(name, list(_MODELS), n=5, cutoff=0.4)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise ValueError(
+            f"unknown model {name!r}.{hint} Registered models: {', '.join(list_models())}")
+    return _MODELS[name]
+
+
+def get_family(model_name: str) -> Family:
+    return _FAMILIES[_entry(model_name).family]
+
+
+def create_model(name: str, **kwargs: Any) -> nn.Module:
+    """Build a registered model. ``kwargs`` are the upstream constructor's own names
+    (num_classes, drop_path_rate, layer_scale_init_value, head_init_scale, deploy, ...)."""
+    entry = _entry(name)
+    try:
+        return entry.constructor(**kwargs)
+    except TypeError as err:
+        if "unexpected keyword argument" not in str(err):
+            raise
+        raise TypeError(f"model {name!r} (family {entry.family!r}) cannot be built with "
+                        f"{sorted(kwargs)}: {err}") from err
+
+
+def add_family_args(parser: argparse.ArgumentParser) -> None:
+    """Add each family's own flags to ``parser`` (one argument group per family)."""
+    for name in list_families():
+        family = _FAMILIES[name]
+        if family.add_args is not None:
+            family.add_args(parser)
+
+
+def family_kwargs(model_name: str, args: argparse.Namespace) -> Dict[str, Any]:
+    """Constructor kwargs the model's family reads from the parsed command line."""
+    family = get_family(model_name)
+    return family.kwargs_from_args(args) if family.kwargs_from_args is not None else {}
+
+
+def reparameterize_model(model: nn.Module) -> nn.Module:
+    """Switch ``model`` in place to its deploy (inference) form and return it.
+
+    Every re-param block exposes one ``reparameterize()``; blocks are visited children-first so a
+    parent sees its children already merged. A model without re-param blocks is left unchanged.
+    """
+    for module in list(model.modules())[::-1]:
+        if module is not model and hasattr(module, "reparameterize"):
+            module.reparameterize()
+    if hasattr(model, "reparameterize"):
+        model.reparameterize()
+    return model
