@@ -1,0 +1,515 @@
+"""Distributed set-up, logging, schedules, AMP scaling and checkpoints for lknets."""
+from __future__ import annotations
+
+import argparse
+import builtins
+import datetime
+import glob
+import json
+import math
+import os
+import random
+import re
+import time
+from collections import OrderedDict, defaultdict, deque
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+class UserError(Exception):
+    """A problem with the user's input; main.py prints it as one line and exits non-zero."""
+
+
+_TRUE = {"true", "t", "yes", "y", "1", "on"}
+_FALSE = {"false", "f", "no", "n", "0", "off"}
+
+
+def str2bool(value: Any) -> bool:
+    """argparse type for upstream's boolean flags (``--model_ema true``)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise argparse.ArgumentTypeError(
+        f"expected a boolean (true/false, yes/no, 1/0), got {value!r}")
+
+
+# --------------------------------------------------------------------------- distributed
+
+def is_dist_avail_and_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist_avail_and_initialized() else 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist_avail_and_initialized() else 0
+
+
+def is_main_process() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_dist_avail_and_initialized():
+        dist.barrier()
+
+
+def setup_for_distributed(is_master: bool) -> None:
+    """Silence print() on every rank but the first (``print(..., force=True)`` still prints)."""
+    builtin_print = builtins.print
+
+    def print_on_master(*args: Any, **kwargs: Any) -> None:
+        force = kwargs.pop("force", False)
+        if is_master or force:
+            builtin_print(*args, **kwargs)
+
+    builtins.print = print_on_master
+
+
+def _distributed_env(args: argparse.Namespace) -> Optional[Tuple[int, int, int]]:
+    """(rank, world_size, local_rank) from the launcher's environment, or None for one process."""
+    env = os.environ
+    if args.dist_on_itp:
+        return (int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"]),
+                int(env["OMPI_COMM_WORLD_LOCAL_RANK"]))
+    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun and torch.distributed.launch
+        local_rank = int(env.get("LOCAL_RANK", args.local_rank if args.local_rank >= 0 else 0))
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), local_rank
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    return None
+
+
+def init_distributed_mode(args: argparse.Namespace) -> None:
+    """Join the process group the launcher describes; sets args.distributed/rank/world_size/gpu."""
+    found = _distributed_env(args)
+    if found is None:
+        args.distributed, args.rank, args.world_size, args.gpu = False, 0, 1, 0
+        return
+    args.rank, args.world_size, args.gpu = found
+    args.distributed = True
+    use_cuda = str(args.device).startswith("cuda")
+    if use_cuda:
+        torch.cuda.set_device(args.gpu)
+    backend = "nccl" if use_cuda else "gloo"
+    print(f"| distributed init (rank {args.rank} of {args.world_size}, {backend}): "
+          f"{args.dist_url}", flush=True)
+    dist.init_process_group(backend=backend, init_method=args.dist_url,
+                            world_size=args.world_size, rank=args.rank)
+    barrier()
+    setup_for_distributed(args.rank == 0)
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def epoch_seed(base_seed: int, epoch: int) -> int:
+    """Seed for one epoch on this rank: a run resumed at ``epoch`` replays the same randomness."""
+    return base_seed + get_rank() + 100_003 * epoch
+
+
+# --------------------------------------------------------------------------- logging
+
+class SmoothedValue:
+    """A window-smoothed series with its global average."""
+
+    def __init__(self, window_size: int = 20, fmt: Optional[str] = None) -> None:
+        self.deque: deque = deque(maxlen=window_size)
+        self.total = 0.0
+        self.count = 0
+        self.fmt = fmt or "{median:.4f} ({global_avg:.4f})"
+
+    def update(self, value: float, n: int = 1) -> None:
+        self.deque.append(value)
+        self.count += n
+        self.total += value * n
+
+    def synchronize_between_processes(self) -> None:
+        if not is_dist_avail_and_initialized():
+            return
+        t = torch.tensor([self.count, self.total], dtype=torch.float64,
+                         device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(t)
+        self.count, self.total = int(t[0].item()), t[1].item()
+
+    @property
+    def median(self) -> float:
+        return float(np.median(list(self.deque))) if self.deque else 0.0
+
+    @property
+    def avg(self) -> float:
+        return float(np.mean(list(self.deque))) if self.deque else 0.0
+
+    @property
+    def global_avg(self) -> float:
+        return self.total / max(self.count, 1)
+
+    @property
+    def max(self) -> float:
+        return max(self.deque) if self.deque else 0.0
+
+    @property
+    def value(self) -> float:
+        return self.deque[-1] if self.deque else 0.0
+
+    def __str__(self) -> str:
+        return self.fmt.format(median=self.median, avg=self.avg, global_avg=self.global_avg,
+                               max=self.max, value=self.value)
+
+
+class MetricLogger:
+    """Collects meters and prints progress lines with iteration, meters, time and ETA."""
+
+    def __init__(self, delimiter: str = "  ") -> None:
+        self.meters: Dict[str, SmoothedValue] = defaultdict(SmoothedValue)
+        self.delimiter = delimiter
+
+    def update(self, **kwargs: Any) -> None:
+        for name, value in kwargs.items():
+            if value is None:
+                continue
+            if isinstance(value, torch.Tensor):
+                value = value.item()
+            self.meters[name].update(float(value))
+
+    def add_meter(self, name: str, meter: SmoothedValue) -> None:
+        self.meters[name] = meter
+
+    def synchronize_between_processes(self) -> None:
+        for meter in self.meters.values():
+            meter.synchronize_between_processes()
+
+    def __str__(self) -> str:
+        return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
+
+    def log_every(self, iterable: Iterable, print_freq: int, header: str = "",
+                  total: Optional[int] = None) -> Iterator:
+        total = len(iterable) if total is None else total
+        width = len(str(total))
+        start = end = time.time()
+        iter_time, data_time = SmoothedValue(fmt="{avg:.4f}"), SmoothedValue(fmt="{avg:.4f}")
+        for i, obj in enumerate(iterable):
+            data_time.update(time.time() - end)
+            yield obj
+            iter_time.update(time.time() - end)
+            if i % print_freq == 0 or i == total - 1:
+                eta = datetime.timedelta(seconds=int(iter_time.global_avg * (total - i - 1)))
+                parts = [header, f"[{i:>{width}}/{total}]", f"eta: {eta}", str(self),
+                         f"time: {iter_time}", f"data: {data_time}"]
+                if torch.cuda.is_available():
+                    parts.append(f"max mem: {torch.cuda.max_memory_allocated() / 2**20:.0f}MB")
+                print(self.delimiter.join(p for p in parts if p), flush=True)
+            end = time.time()
+        elapsed = datetime.timedelta(seconds=int(time.time() - start))
+        print(f"{header} Total time: {elapsed} ({(time.time() - start) / max(total, 1):.4f} s / it)",
+              flush=True)
+
+
+class TensorboardLogger:
+    """Scalars for TensorBoard (tensorboardX, or torch's writer where tensorboardX is absent)."""
+
+    def __init__(self, log_dir: str) -> None:
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:
+            from torch.utils.tensorboard import SummaryWriter
+        os.makedirs(log_dir, exist_ok=True)
+        self.writer = SummaryWriter(log_dir)
+        self.step = 0
+
+    def set_step(self, step: int) -> None:
+        self.step = step
+
+    def update(self, head: str = "scalar", step: Optional[int] = None, **kwargs: Any) -> None:
+        for name, value in kwargs.items():
+            if value is None:
+                continue
+            if isinstance(value, torch.Tensor):
+                value = value.item()
+            self.writer.add_scalar(f"{head}/{name}", value, self.step if step is None else step)
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def append_json_log(output_dir: str, stats: Dict[str, Any]) -> None:
+    with open(os.path.join(output_dir, "log.txt"), "a") as f:
+        f.write(json.dumps(stats) + "\n")
+
+
+# --------------------------------------------------------------------------- schedules, AMP
+
+def cosine_scheduler(base_value: float, final_value: float, epochs: int, niter_per_ep: int,
+                     warmup_epochs: int = 0, start_warmup_value: float = 0.0,
+                     warmup_steps: int = -1) -> np.ndarray:
+    """Per-iteration values: linear warmup, then cosine from base_value to final_value."""
+    total = epochs * niter_per_ep
+    warmup_iters = warmup_steps if warmup_steps > 0 else warmup_epochs * niter_per_ep
+    warmup_iters = min(warmup_iters, total)
+    warmup = np.linspace(start_warmup_value, base_value, warmup_iters, endpoint=False) \
+        if warmup_iters > 0 else np.array([])
+    iters = np.arange(total - warmup_iters)
+    cosine = final_value + 0.5 * (base_value - final_value) * (
+        1 + np.cos(np.pi * iters / max(len(iters), 1)))
+    return np.concatenate((warmup, cosine))
+
+
+def get_grad_norm(parameters: Iterable[torch.nn.Parameter], norm_type: float = 2.0) -> torch.Tensor:
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.tensor(0.0)
+    return torch.norm(torch.stack([torch.norm(g.detach(), norm_type) for g in grads]), norm_type)
+
+
+class LossScaler:
+    """Backward + optional grad clipping + optimizer step, with a GradScaler for fp16 AMP.
+
+    bf16 and fp32 need no scaling, so the scaler is disabled for them. Returns the grad norm of
+    the update (None on accumulation micro-steps).
+    """
+
+    state_dict_key = "amp_scaler"
+
+    def __init__(self, enabled: bool, device_type: str) -> None:
+        self._scaler = torch.amp.GradScaler(device_type, enabled=enabled)
+
+    def __call__(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer,
+                 clip_grad: Optional[float] = None,
+                 parameters: Optional[Iterable[torch.nn.Parameter]] = None,
+                 update_grad: bool = True) -> Optional[torch.Tensor]:
+        self._scaler.scale(loss).backward()
+        if not update_grad:
+            return None
+        self._scaler.unscale_(optimizer)
+        params = [p for p in parameters] if parameters is not None else []
+        if clip_grad is not None:
+            norm = torch.nn.utils.clip_grad_norm_(params, clip_grad)
+        else:
+            norm = get_grad_norm(params)
+        self._scaler.step(optimizer)
+        self._scaler.update()
+        return norm
+
+    def state_dict(self) -> Dict[str, Any]:
+        return self._scaler.state_dict()
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self._scaler.load_state_dict(state_dict)
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+_CKPT_RE = re.compile(r"checkpoint-(\d+)\.pth$")
+
+
+def atomic_save(obj: Any, path: str) -> None:
+    """torch.save through a temporary file and a rename, so a crash never leaves half a file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint_file(path: str) -> Dict[str, Any]:
+    """Read a checkpoint (ours or an upstream release) or raise UserError naming the file."""
+    if path.startswith("https://") or path.startswith("http://"):
+        try:
+            return torch.hub.load_state_dict_from_url(path, map_location="cpu", check_hash=True,
+                                                      weights_only=False)
+        except Exception as err:
+            raise UserError(f"cannot download checkpoint {path}: {err}") from err
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint file not found: {path}")
+    try:
+        # Our checkpoints (and upstream's) pickle the argparse Namespace under 'args'.
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise UserError(f"cannot read checkpoint {path} (truncated or not a torch file): "
+                        f"{type(err).__name__}: {err}") from err
+    if not isinstance(ckpt, dict):
+        raise UserError(f"checkpoint {path} holds a {type(ckpt).__name__}, not a dict")
+    return ckpt
+
+
+def _is_state_dict(obj: Any) -> bool:
+    return isinstance(obj, dict) and len(obj) > 0 and all(
+        isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def extract_state_dict(ckpt: Dict[str, Any], model_key: str = "model|module|state_dict",
+                       prefix: str = "") -> "OrderedDict[str, torch.Tensor]":
+    """The model weights in a checkpoint: the first of ``model_key`` ('|'-separated) present, or
+    the dict itself when it is a raw state dict; 'module.' (DDP) and ``prefix`` are stripped."""
+    state = None
+    for key in model_key.split("|"):
+        if key in ckpt and _is_state_dict(ckpt[key]):
+            state = ckpt[key]
+            break
+    if state is None:
+        if not _is_state_dict(ckpt):
+            raise UserError(f"no model weights in checkpoint: looked for {model_key.split('|')}; "
+                            f"top-level keys are {sorted(ckpt)[:10]}")
+        state = ckpt
+    out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    for key, value in state.items():
+        if key.startswith("module."):
+            key = key[len("module."):]
+        if prefix and key.startswith(prefix):
+            key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+def state_dict_mismatch(model: torch.nn.Module, state: Dict[str, torch.Tensor]
+                        ) -> Tuple[List[str], List[str], List[str]]:
+    """(missing keys, unexpected keys, 'key: ckpt shape vs model shape' lines)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in own.items() if k in state and state[k].shape != v.shape]
+    return missing, unexpected, shapes
+
+
+def describe_mismatch(missing: List[str], unexpected: List[str], shapes: List[str],
+                      limit: int = 5) -> str:
+    parts = []
+    for title, items in (("missing", missing), ("unexpected", unexpected),
+                         ("shape mismatches", shapes)):
+        if items:
+            more = f", ... (+{len(items) - limit})" if len(items) > limit else ""
+            parts.append(f"{len(items)} {title}: {', '.join(items[:limit])}{more}")
+    return "; ".join(parts)
+
+
+def load_state_dict_strict(model: torch.nn.Module, state: Dict[str, torch.Tensor],
+                           source: str, model_name: str) -> None:
+    missing, unexpected, shapes = state_dict_mismatch(model, state)
+    if missing or unexpected or shapes:
+        raise UserError(f"{source} does not fit model {model_name}: "
+                        f"{describe_mismatch(missing, unexpected, shapes)}")
+    model.load_state_dict(state)
+
+
+def checkpoint_epochs(output_dir: str) -> List[int]:
+    """Epoch numbers of the periodic checkpoints in output_dir, newest first."""
+    epochs = []
+    for path in glob.glob(os.path.join(output_dir, "checkpoint-*.pth")):
+        match = _CKPT_RE.search(os.path.basename(path))
+        if match:
+            epochs.append(int(match.group(1)))
+    return sorted(epochs, reverse=True)
+
+
+def save_model(args: argparse.Namespace, epoch: Any, model_without_ddp: torch.nn.Module,
+               optimizer: torch.optim.Optimizer, loss_scaler: LossScaler,
+               model_ema: Any = None, extra: Optional[Dict[str, Any]] = None) -> Optional[str]:
+    """Write ``checkpoint-{epoch}.pth`` (epoch may be 'best'/'best-ema') on the main process and
+    keep only the newest ``--save_ckpt_num`` periodic checkpoints."""
+    if not is_main_process():
+        return None
+    path = os.path.join(args.output_dir, f"checkpoint-{epoch}.pth")
+    state = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
+             "epoch": epoch, "scaler": loss_scaler.state_dict(), "args": args}
+    if model_ema is not None:
+        state["model_ema"] = model_ema.module.state_dict()
+    if extra:
+        state.update(extra)
+    atomic_save(state, path)
+    if isinstance(epoch, int) and args.save_ckpt_num > 0:
+        for old in checkpoint_epochs(args.output_dir)[args.save_ckpt_num:]:
+            os.remove(os.path.join(args.output_dir, f"checkpoint-{old}.pth"))
+    return path
+
+
+def _auto_resume_candidates(args: argparse.Namespace) -> List[str]:
+    if args.resume or not args.auto_resume or not args.output_dir:
+        return [args.resume] if args.resume else []
+    return [os.path.join(args.output_dir, f"checkpoint-{e}.pth")
+            for e in checkpoint_epochs(args.output_dir)]
+
+
+def auto_load_model(args: argparse.Namespace, model_without_ddp: torch.nn.Module,
+                    optimizer: Optional[torch.optim.Optimizer], loss_scaler: Optional[LossScaler],
+                    model_ema: Any = None) -> Optional[Dict[str, Any]]:
+    """Resume from --resume, or (only when --resume is empty and --auto_resume is on) from the
+    newest readable checkpoint in --output_dir, falling back past unreadable ones.
+
+    Restores model (strict), optimizer, scaler, epoch (args.start_epoch) and EMA. Returns the
+    loaded checkpoint dict (callers restore their own extra entries from it) or None.
+    """
+    barrier()  # another rank may still be writing the checkpoint we are about to read
+    candidates = _auto_resume_candidates(args)
+    ckpt, path = None, None
+    for i, candidate in enumerate(candidates):
+        try:
+            ckpt, path = load_checkpoint_file(candidate), candidate
+            break
+        except UserError as err:
+            if args.resume or i == len(candidates) - 1:
+                raise
+            print(f"WARNING: {err}; falling back to {candidates[i + 1]}")
+    if ckpt is None:
+        return None
+    print(f"Resume checkpoint {path}")
+    load_state_dict_strict(model_without_ddp, extract_state_dict(ckpt), f"checkpoint {path}",
+                           args.model)
+    if model_ema is not None:
+        ema_state = ckpt.get("model_ema")
+        if ema_state is None:
+            print(f"WARNING: {path} has no 'model_ema'; the EMA starts from the model weights")
+            ema_state = extract_state_dict(ckpt)
+        load_state_dict_strict(model_ema.module, ema_state, f"EMA in {path}", args.model)
+    if "epoch" in ckpt and isinstance(ckpt["epoch"], int):
+        args.start_epoch = ckpt["epoch"] + 1
+        if optimizer is not None and "optimizer" in ckpt:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        if loss_scaler is not None and ckpt.get("scaler"):
+            loss_scaler.load_state_dict(ckpt["scaler"])
+    ckpt["_path"] = path
+    return ckpt
+
+
+def load_finetune(args: argparse.Namespace, model: torch.nn.Module) -> None:
+    """--finetune: non-strict load of pre-trained weights; a head whose shape differs is dropped."""
+    ckpt = load_checkpoint_file(args.finetune)
+    state = extract_state_dict(ckpt, args.model_key, args.model_prefix)
+    own = model.state_dict()
+    for key in [k for k in state if k.startswith("head.")]:
+        if key in own and state[key].shape != own[key].shape:
+            print(f"Removing key {key} from pretrained checkpoint "
+                  f"(shape {tuple(state[key].shape)} vs model {tuple(own[key].shape)})")
+            del state[key]
+    missing, unexpected, shapes = state_dict_mismatch(model, state)
+    if shapes:
+        raise UserError(f"--finetune {args.finetune} does not fit model {args.model}: "
+                        f"{describe_mismatch([], [], shapes)}")
+    model.load_state_dict(state, strict=False)
+    print(f"Loaded --finetune {args.finetune}")
+    if missing:
+        print(f"Weights of {args.model} not initialized from the checkpoint: {missing}")
+    if unexpected:
+        print(f"Weights from the checkpoint not used in {args.model}: {unexpected}")
