@@ -229,8 +229,8 @@ class TensorboardLogger:
         self.writer = SummaryWriter(log_dir)
         self.step = 0
 
-    def set_step(self, step: int) -> None:
-        self.step = step
+    def set_step(self, step: Optional[int] = None) -> None:
+        self.step = self.step + 1 if step is None else step
 
     def update(self, head: str = "scalar", step: Optional[int] = None, **kwargs: Any) -> None:
         for name, value in kwargs.items():

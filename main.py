@@ -1,0 +1,432 @@
+"""lknets: train and evaluate large-kernel ConvNets.
+
+The flags are those of ConvNeXt's main.py (same names, types and defaults), plus each model
+family's own flags, so the upstream READMEs' commands run unchanged.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+import time
+from typing import Any, Dict, Optional
+
+import torch
+import torch.backends.cudnn as cudnn
+from timm.data.mixup import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.utils import ModelEmaV2
+from torch.utils.data import DataLoader, DistributedSampler
+
+import models
+import utils
+from datasets import DATA_SETS, build_dataset
+from engine import evaluate, train_one_epoch
+from optim_factory import create_optimizer
+from utils import UserError, str2bool
+
+AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser("lknets training and evaluation", add_help=False)
+    parser.add_argument("--batch_size", default=64, type=int, help="Per GPU batch size")
+    parser.add_argument("--epochs", default=300, type=int)
+    parser.add_argument("--update_freq", default=1, type=int, help="gradient accumulation steps")
+
+    # Model
+    parser.add_argument("--model", default="convnext_tiny", type=str, metavar="MODEL",
+                        help="Name of model to train (see models.list_models())")
+    parser.add_argument("--drop_path", type=float, default=0, metavar="PCT",
+                        help="Drop path rate (default: 0.0)")
+    parser.add_argument("--input_size", default=224, type=int, help="image input size")
+    parser.add_argument("--test_size", default=-1, type=int,
+                        help="eval image size; -1 uses --input_size")
+    parser.add_argument("--layer_scale_init_value", default=1e-6, type=float,
+                        help="Layer scale initial values")
+    parser.add_argument("--use_checkpoint", type=str2bool, default=False,
+                        help="trade compute for memory with torch.utils.checkpoint")
+    parser.add_argument("--deploy", type=str2bool, default=False,
+                        help="build the re-parameterized (deploy) form, to load deploy weights")
+    parser.add_argument("--with_small_kernel_merged", type=str2bool, default=False,
+                        help="re-parameterize the loaded model before evaluating (with --eval)")
+
+    # EMA
+    parser.add_argument("--model_ema", type=str2bool, default=False)
+    parser.add_argument("--model_ema_decay", type=float, default=0.9999)
+    parser.add_argument("--model_ema_force_cpu", type=str2bool, default=False)
+    parser.add_argument("--model_ema_eval", type=str2bool, default=False,
+                        help="Using ema to eval during training.")
+
+    # Optimizer
+    parser.add_argument("--opt", default="adamw", type=str, metavar="OPTIMIZER",
+                        help='Optimizer (default: "adamw"')
+    parser.add_argument("--opt_eps", default=1e-8, type=float, metavar="EPSILON",
+                        help="Optimizer Epsilon (default: 1e-8)")
+    parser.add_argument("--opt_betas", default=None, type=float, nargs="+", metavar="BETA",
+                        help="Optimizer Betas (default: None, use opt default)")
+    parser.add_argument("--clip_grad", type=float, default=None, metavar="NORM",
+                        help="Clip gradient norm (default: None, no clipping)")
+    parser.add_argument("--momentum", type=float, default=0.9, metavar="M",
+                        help="SGD momentum (default: 0.9)")
+    parser.add_argument("--weight_decay", type=float, default=0.05,
+                        help="weight decay (default: 0.05)")
+    parser.add_argument("--weight_decay_end", type=float, default=None,
+                        help="Final value of the weight decay (cosine schedule)")
+    parser.add_argument("--lr", type=float, default=4e-3, metavar="LR",
+                        help="learning rate (default: 4e-3), with total batch size 4096")
+    parser.add_argument("--layer_decay", type=float, default=1.0,
+                        help="layer-wise lr decay (1.0 = off)")
+    parser.add_argument("--min_lr", type=float, default=1e-6, metavar="LR",
+                        help="lower lr bound for cyclic schedulers that hit 0 (1e-6)")
+    parser.add_argument("--warmup_epochs", type=int, default=20, metavar="N",
+                        help="epochs to warmup LR, if scheduler supports")
+    parser.add_argument("--warmup_steps", type=int, default=-1, metavar="N",
+                        help="num of steps to warmup LR, will overload warmup_epochs if set > 0")
+
+    # Augmentation
+    parser.add_argument("--color_jitter", type=float, default=0.4, metavar="PCT",
+                        help="Color jitter factor (default: 0.4)")
+    parser.add_argument("--aa", type=str, default="rand-m9-mstd0.5-inc1", metavar="NAME",
+                        help='AutoAugment policy, e.g. "v0", "original" or "none"')
+    parser.add_argument("--smoothing", type=float, default=0.1,
+                        help="Label smoothing (default: 0.1)")
+    parser.add_argument("--train_interpolation", type=str, default="bicubic",
+                        help='Training interpolation (random, bilinear, bicubic default: "bicubic")')
+    parser.add_argument("--crop_pct", type=float, default=None)
+    parser.add_argument("--reprob", type=float, default=0.25, metavar="PCT",
+                        help="Random erase prob (default: 0.25)")
+    parser.add_argument("--remode", type=str, default="pixel",
+                        help='Random erase mode (default: "pixel")')
+    parser.add_argument("--recount", type=int, default=1, help="Random erase count (default: 1)")
+    parser.add_argument("--resplit", type=str2bool, default=False,
+                        help="Do not random erase first (clean) augmentation split")
+    parser.add_argument("--mixup", type=float, default=0.8,
+                        help="mixup alpha, mixup enabled if > 0.")
+    parser.add_argument("--cutmix", type=float, default=1.0,
+                        help="cutmix alpha, cutmix enabled if > 0.")
+    parser.add_argument("--cutmix_minmax", type=float, nargs="+", default=None,
+                        help="cutmix min/max ratio, overrides alpha and enables cutmix if set")
+    parser.add_argument("--mixup_prob", type=float, default=1.0,
+                        help="Probability of performing mixup or cutmix")
+    parser.add_argument("--mixup_switch_prob", type=float, default=0.5,
+                        help="Probability of switching to cutmix when both are enabled")
+    parser.add_argument("--mixup_mode", type=str, default="batch",
+                        help='How to apply mixup/cutmix params. Per "batch", "pair", or "elem"')
+
+    # Fine-tuning
+    parser.add_argument("--finetune", default="", help="finetune from checkpoint")
+    parser.add_argument("--head_init_scale", default=1.0, type=float,
+                        help="classifier head initial scale, typically adjusted in fine-tuning")
+    parser.add_argument("--model_key", default="model|module", type=str,
+                        help="which key to load from saved state dict, usually model or model_ema")
+    parser.add_argument("--model_prefix", default="", type=str)
+
+    # Data
+    parser.add_argument("--data_path", default=None, type=str,
+                        help="dataset path (default: the embedded Fashion-MNIST)")
+    parser.add_argument("--eval_data_path", default=None, type=str,
+                        help="dataset path for evaluation")
+    parser.add_argument("--nb_classes", default=None, type=int,
+                        help="number of classes (default: the dataset's)")
+    parser.add_argument("--imagenet_default_mean_and_std", type=str2bool, default=True)
+    parser.add_argument("--data_set", default=None, choices=DATA_SETS, type=str,
+                        help="dataset type (default: fashion_mnist without --data_path, "
+                             "IMNET with one)")
+    parser.add_argument("--train_subset", default=0, type=int,
+                        help="train on a class-balanced subset of this many images (0 = all)")
+    parser.add_argument("--eval_subset", default=0, type=int,
+                        help="evaluate on a class-balanced subset of this many images (0 = all)")
+    parser.add_argument("--output_dir", default="", help="path where to save, empty for no saving")
+    parser.add_argument("--log_dir", default=None, help="path where to tensorboard log")
+    parser.add_argument("--device", default="cuda", help="device to use for training / testing")
+    parser.add_argument("--seed", default=0, type=int)
+    parser.add_argument("--resume", default="", help="resume from checkpoint")
+    parser.add_argument("--auto_resume", type=str2bool, default=True)
+    parser.add_argument("--save_ckpt", type=str2bool, default=True)
+    parser.add_argument("--save_ckpt_freq", default=1, type=int)
+    parser.add_argument("--save_ckpt_num", default=3, type=int)
+    parser.add_argument("--start_epoch", default=0, type=int, metavar="N", help="start epoch")
+    parser.add_argument("--eval", type=str2bool, default=False, help="Perform evaluation only")
+    parser.add_argument("--dist_eval", type=str2bool, default=True,
+                        help="Enabling distributed evaluation")
+    parser.add_argument("--disable_eval", type=str2bool, default=False,
+                        help="Disabling evaluation during training")
+    parser.add_argument("--num_workers", default=10, type=int)
+    parser.add_argument("--pin_mem", type=str2bool, default=True,
+                        help="Pin CPU memory in DataLoader for more efficient transfer to GPU.")
+
+    # Distributed
+    parser.add_argument("--world_size", default=1, type=int, help="number of distributed processes")
+    parser.add_argument("--local_rank", "--local-rank", default=-1, type=int)
+    parser.add_argument("--dist_on_itp", type=str2bool, default=False)
+    parser.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
+
+    # Precision
+    parser.add_argument("--use_amp", type=str2bool, default=False,
+                        help="Use PyTorch's AMP (Automatic Mixed Precision) or not")
+    parser.add_argument("--amp_dtype", default="float16", choices=sorted(AMP_DTYPES),
+                        help="autocast dtype with --use_amp (bfloat16 needs no loss scaling)")
+
+    models.add_family_args(parser)
+    return parser
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Reject values that would fail later or silently do something else."""
+    def positive(name: str) -> None:
+        if getattr(args, name) <= 0:
+            raise UserError(f"--{name} must be > 0, got {getattr(args, name)}")
+
+    for name in ("batch_size", "epochs", "update_freq", "input_size", "save_ckpt_freq"):
+        positive(name)
+    if not 0 < args.layer_decay <= 1:
+        raise UserError(f"--layer_decay must be in (0, 1], got {args.layer_decay}")
+    if not 0 <= args.drop_path < 1:
+        raise UserError(f"--drop_path must be in [0, 1), got {args.drop_path}")
+    if not 0 <= args.smoothing < 1:
+        raise UserError(f"--smoothing must be in [0, 1), got {args.smoothing}")
+    if not 0 < args.model_ema_decay < 1:
+        raise UserError(f"--model_ema_decay must be in (0, 1), got {args.model_ema_decay}")
+    if args.train_subset < 0 or args.eval_subset < 0:
+        raise UserError("--train_subset and --eval_subset must be >= 0")
+    if args.mixup_mode not in ("batch", "pair", "elem"):
+        raise UserError(f"--mixup_mode must be batch, pair or elem, got {args.mixup_mode!r}")
+    if args.with_small_kernel_merged and not args.eval:
+        raise UserError("--with_small_kernel_merged re-parameterizes for evaluation; "
+                        "use it with --eval true")
+    try:
+        models.get_family(args.model)
+    except ValueError as err:  # unknown --model: the message lists the registered names
+        raise UserError(str(err)) from err
+
+
+def build_model(args: argparse.Namespace, nb_classes: int) -> torch.nn.Module:
+    kwargs: Dict[str, Any] = {"num_classes": nb_classes, "drop_path_rate": args.drop_path}
+    # Flags not every family takes are passed only when set, so a model that lacks the option
+    # fails loudly instead of ignoring it.
+    if args.layer_scale_init_value != 1e-6:
+        kwargs["layer_scale_init_value"] = args.layer_scale_init_value
+    if args.head_init_scale != 1.0:
+        kwargs["head_init_scale"] = args.head_init_scale
+    if args.use_checkpoint:
+        kwargs["use_checkpoint"] = True
+    if args.deploy:
+        kwargs["deploy"] = True
+    kwargs.update(models.family_kwargs(args.model, args))
+    try:
+        return models.create_model(args.model, **kwargs)
+    except TypeError as err:
+        raise UserError(str(err)) from err
+
+
+def build_loaders(args: argparse.Namespace):
+    """(train loader or None, eval loader or None, number of classes)."""
+    world_size, rank = utils.get_world_size(), utils.get_rank()
+    pin_memory = args.pin_mem and str(args.device).startswith("cuda")
+    train_loader = val_loader = None
+    nb_classes = None
+    if not args.eval:
+        dataset_train, nb_classes = build_dataset(is_train=True, args=args)
+        # A DistributedSampler also on one process: its set_epoch(e) gives a resumable order.
+        sampler = DistributedSampler(dataset_train, num_replicas=world_size, rank=rank,
+                                     shuffle=True, seed=args.seed)
+        if len(dataset_train) < args.batch_size * world_size:
+            raise UserError(f"the training set has {len(dataset_train)} images, fewer than one "
+                            f"batch ({args.batch_size} x {world_size} processes)")
+        train_loader = DataLoader(dataset_train, sampler=sampler, batch_size=args.batch_size,
+                                  num_workers=args.num_workers, pin_memory=pin_memory,
+                                  drop_last=True, persistent_workers=False)
+    if args.eval or not args.disable_eval:
+        dataset_val, val_classes = build_dataset(is_train=False, args=args)
+        if nb_classes is not None and val_classes != nb_classes:
+            raise UserError(f"train data has {nb_classes} classes but eval data {val_classes}")
+        nb_classes = val_classes
+        indices = list(range(len(dataset_val)))
+        if args.dist_eval and world_size > 1:
+            indices = indices[rank::world_size]  # no padding: every image counted exactly once
+        elif world_size > 1 and rank != 0:
+            indices = []
+        val_loader = DataLoader(torch.utils.data.Subset(dataset_val, indices),
+                                batch_size=int(1.5 * args.batch_size), shuffle=False,
+                                num_workers=args.num_workers, pin_memory=pin_memory,
+                                drop_last=False)
+    return train_loader, val_loader, nb_classes
+
+
+def build_mixup(args: argparse.Namespace, nb_classes: int) -> Optional[Mixup]:
+    if not (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None):
+        return None
+    print("Mixup is activated!")
+    return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix,
+                 cutmix_minmax=args.cutmix_minmax, prob=args.mixup_prob,
+                 switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                 label_smoothing=args.smoothing, num_classes=nb_classes)
+
+
+def main(args: argparse.Namespace) -> Dict[str, Any]:
+    """Train (or with --eval, evaluate) as the flags say; returns the last stats."""
+    validate_args(args)
+    utils.init_distributed_mode(args)
+    if str(args.device).startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {args.device} but CUDA is not available; pass --device cpu")
+    device = torch.device(args.device)
+    utils.seed_everything(args.seed + utils.get_rank())
+    cudnn.benchmark = True
+    amp_dtype = AMP_DTYPES[args.amp_dtype] if args.use_amp else None
+
+    train_loader, val_loader, nb_classes = build_loaders(args)
+    args.nb_classes = nb_classes
+    mixup_fn = build_mixup(args, nb_classes) if train_loader is not None else None
+
+    model = build_model(args, nb_classes)
+    if args.finetune:
+        utils.load_finetune(args, model)
+    model.to(device)
+    model_ema = None
+    if args.model_ema:
+        model_ema = ModelEmaV2(model, decay=args.model_ema_decay,
+                               device="cpu" if args.model_ema_force_cpu else None)
+        print(f"Using EMA with decay = {args.model_ema_decay:.8f}")
+    model_without_ddp = model
+    if args.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[args.gpu] if device.type == "cuda" else None)
+        model_without_ddp = model.module
+    n_parameters = sum(p.numel() for p in model_without_ddp.parameters() if p.requires_grad)
+    print(f"Model {args.model}: {n_parameters / 1e6:.2f}M trainable parameters")
+
+    optimizer = create_optimizer(args, model_without_ddp)
+    loss_scaler = utils.LossScaler(enabled=amp_dtype == torch.float16, device_type=device.type)
+    utils.auto_load_model(args, model_without_ddp, optimizer, loss_scaler, model_ema)
+
+    if args.eval:
+        return run_eval(args, model, model_without_ddp, model_ema, val_loader, device, amp_dtype)
+    return train(args, model, model_without_ddp, model_ema, optimizer, loss_scaler, train_loader,
+                 val_loader, mixup_fn, device, amp_dtype, n_parameters)
+
+
+def run_eval(args, model, model_without_ddp, model_ema, val_loader, device, amp_dtype):
+    if args.with_small_kernel_merged:
+        models.reparameterize_model(model_without_ddp)
+        print(f"Re-parameterized {args.model} for evaluation")
+    stats = evaluate(val_loader, model, device, amp_dtype)
+    print(f"Accuracy of the network on {len(val_loader.dataset)} test images: "
+          f"{stats['acc1']:.5f}%")
+    if model_ema is not None and args.model_ema_eval:
+        if args.with_small_kernel_merged:
+            models.reparameterize_model(model_ema.module)
+        ema_stats = evaluate(val_loader, model_ema.module, device, amp_dtype, header="Test (EMA):")
+        print(f"Accuracy of the model EMA on {len(val_loader.dataset)} test images: "
+              f"{ema_stats['acc1']:.5f}%")
+        stats.update({f"{k}_ema": v for k, v in ema_stats.items()})
+    return stats
+
+
+def train(args, model, model_without_ddp, model_ema, optimizer, loss_scaler, train_loader,
+          val_loader, mixup_fn, device, amp_dtype, n_parameters):
+    world_size = utils.get_world_size()
+    total_batch = args.batch_size * args.update_freq * world_size
+    steps_per_epoch = len(train_loader) // args.update_freq
+    if steps_per_epoch == 0:
+        raise UserError(f"--update_freq {args.update_freq} is larger than the {len(train_loader)} "
+                        "batches of an epoch")
+    print(f"LR = {args.lr:.8f}; batch size = {total_batch} "
+          f"({args.batch_size} per process x {args.update_freq} accumulation x {world_size} "
+          f"processes); {steps_per_epoch} updates per epoch; "
+          f"{len(train_loader.dataset)} training images")
+
+    lr_schedule = utils.cosine_scheduler(args.lr, args.min_lr, args.epochs, steps_per_epoch,
+                                         args.warmup_epochs, warmup_steps=args.warmup_steps)
+    wd_end = args.weight_decay if args.weight_decay_end is None else args.weight_decay_end
+    wd_schedule = utils.cosine_scheduler(args.weight_decay, wd_end, args.epochs, steps_per_epoch)
+    if mixup_fn is not None:
+        criterion: torch.nn.Module = SoftTargetCrossEntropy()
+    elif args.smoothing > 0:
+        criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    else:
+        criterion = torch.nn.CrossEntropyLoss()
+    print(f"criterion = {criterion}")
+
+    log_writer = None
+    if args.log_dir and utils.is_main_process():
+        log_writer = utils.TensorboardLogger(args.log_dir)
+    if args.output_dir and utils.is_main_process():
+        os.makedirs(args.output_dir, exist_ok=True)
+
+    max_accuracy = max_accuracy_ema = 0.0
+    stats: Dict[str, Any] = {}
+    print(f"Start training for {args.epochs} epochs (from epoch {args.start_epoch})")
+    start_time = time.time()
+    for epoch in range(args.start_epoch, args.epochs):
+        utils.seed_everything(utils.epoch_seed(args.seed, epoch))
+        train_loader.sampler.set_epoch(epoch)
+        if log_writer is not None:
+            log_writer.set_step(epoch * steps_per_epoch)
+        train_stats = train_one_epoch(
+            model, criterion, train_loader, optimizer, device, epoch, loss_scaler,
+            args.clip_grad, model_ema, mixup_fn, log_writer=log_writer,
+            start_steps=epoch * steps_per_epoch, lr_schedule_values=lr_schedule,
+            wd_schedule_values=wd_schedule, num_training_steps_per_epoch=steps_per_epoch,
+            update_freq=args.update_freq, amp_dtype=amp_dtype)
+        last_epoch = epoch + 1 == args.epochs
+        if args.output_dir and args.save_ckpt and ((epoch + 1) % args.save_ckpt_freq == 0
+                                                   or last_epoch):
+            utils.save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, model_ema)
+
+        stats = {**{f"train_{k}": v for k, v in train_stats.items()}}
+        if val_loader is not None:
+            test_stats = evaluate(val_loader, model, device, amp_dtype)
+            print(f"Accuracy of the model on the {len(val_loader.dataset)} test images: "
+                  f"{test_stats['acc1']:.1f}%")
+            if test_stats["acc1"] > max_accuracy:
+                max_accuracy = test_stats["acc1"]
+                if args.output_dir and args.save_ckpt:
+                    utils.save_model(args, "best", model_without_ddp, optimizer, loss_scaler,
+                                     model_ema)
+            print(f"Max accuracy: {max_accuracy:.2f}%")
+            stats.update({f"test_{k}": v for k, v in test_stats.items()})
+            if log_writer is not None:
+                log_writer.update(head="perf", step=epoch, test_acc1=test_stats["acc1"],
+                                  test_acc5=test_stats["acc5"], test_loss=test_stats["loss"])
+            if model_ema is not None and args.model_ema_eval:
+                ema_stats = evaluate(val_loader, model_ema.module, device, amp_dtype,
+                                     header="Test (EMA):")
+                if ema_stats["acc1"] > max_accuracy_ema:
+                    max_accuracy_ema = ema_stats["acc1"]
+                    if args.output_dir and args.save_ckpt:
+                        utils.save_model(args, "best-ema", model_without_ddp, optimizer,
+                                         loss_scaler, model_ema)
+                print(f"Max EMA accuracy: {max_accuracy_ema:.2f}%")
+                stats.update({f"test_{k}_ema": v for k, v in ema_stats.items()})
+                if log_writer is not None:
+                    log_writer.update(head="perf", step=epoch, test_acc1_ema=ema_stats["acc1"])
+        stats.update({"epoch": epoch, "n_parameters": n_parameters})
+        if args.output_dir and utils.is_main_process():
+            if log_writer is not None:
+                log_writer.flush()
+            utils.append_json_log(args.output_dir, stats)
+
+    if log_writer is not None:
+        log_writer.close()
+    total = datetime.timedelta(seconds=int(time.time() - start_time))
+    print(f"Training time {total}")
+    return stats
+
+
+def cli(argv: Optional[list] = None) -> int:
+    parser = argparse.ArgumentParser("lknets", parents=[get_args_parser()])
+    args = parser.parse_args(argv)
+    if args.output_dir:
+        os.makedirs(args.output_dir, exist_ok=True)
+    try:
+        main(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
