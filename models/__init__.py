@@ -6,6 +6,7 @@ from .registry import (Family, add_family_args, create_model, family_kwargs, get
                        list_families, list_models, register_family, register_model,
                        reparameterize_model)
 from . import convnext  # noqa: F401  (registers the family)
+from . import replknet, unireplknet  # noqa: F401
 from . import slak  # noqa: F401
 
 __all__ = ["Family", "add_family_args", "create_model", "family_kwargs", "get_family",

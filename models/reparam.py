@@ -64,6 +64,31 @@ def merge_kernels(kernel: torch.Tensor, bias: torch.Tensor, other_kernel: torch.
     return kernel + other, bias + other_bias
 
 
+def depthwise_conv_from(kernel: torch.Tensor, bias: torch.Tensor) -> DepthwiseConv2d:
+    """A biased :class:`DepthwiseConv2d` holding a merged ``kernel`` (C, 1, k, k) and ``bias`` (C,).
+
+    The module lives on the kernel's device and dtype, so merging works on meta tensors and in
+    float64 alike.
+    """
+    with torch.device(kernel.device):
+        conv = DepthwiseConv2d(kernel.shape[0], tuple(kernel.shape[-2:]), bias=True)
+    conv = conv.to(kernel.dtype)
+    with torch.no_grad():
+        conv.weight.copy_(kernel)
+        conv.bias.copy_(bias)
+    return conv
+
+
+def linear_from(weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
+    """A biased nn.Linear holding ``weight`` (out, in) and ``bias`` (out,), on their device/dtype."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=True, device=weight.device,
+                       dtype=weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        linear.bias.copy_(bias)
+    return linear
+
+
 class ConvBN(nn.Sequential):
     """Bias-free conv followed by BatchNorm (and optionally ReLU), as upstream's ``conv_bn``.
 
