@@ -1,0 +1,137 @@
+"""Bad input: one clear line on stderr, a non-zero exit, and nothing lost."""
+import os
+import shutil
+
+import pytest
+import torch
+
+import main as lk_main
+import utils
+
+BASE = ["--model", "convnext_atto", "--device", "cpu", "--input_size", "32", "--batch_size", "16",
+        "--num_workers", "0", "--aa", "none", "--reprob", "0", "--mixup", "0", "--cutmix", "0",
+        "--train_subset", "64", "--eval_subset", "32", "--warmup_epochs", "0"]
+
+
+def cli_error(argv, capsys):
+    code = lk_main.cli(argv)
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def test_unknown_model_lists_close_names(capsys):
+    msg = cli_error(BASE + ["--model", "convnext_tinyy"], capsys)
+    assert "unknown model 'convnext_tinyy'" in msg
+    assert "convnext_tiny" in msg and "Registered models:" in msg
+
+
+def test_missing_data_path_is_named(capsys, tmp_path):
+    missing = tmp_path / "nowhere"
+    msg = cli_error(BASE + ["--data_path", str(missing)], capsys)
+    assert str(missing) in msg and "does not exist" in msg
+
+
+def test_empty_image_folder_is_named(capsys, tmp_path):
+    (tmp_path / "train").mkdir()
+    (tmp_path / "val").mkdir()
+    msg = cli_error(BASE + ["--data_path", str(tmp_path), "--data_set", "IMNET"], capsys)
+    assert str(tmp_path / "train") in msg and "no images found" in msg
+
+
+def test_fashion_mnist_folder_without_files(capsys, tmp_path):
+    msg = cli_error(BASE + ["--data_set", "fashion_mnist", "--data_path", str(tmp_path)], capsys)
+    assert "train-images-idx3-ubyte" in msg and str(tmp_path) in msg
+    assert "apt-get install dataset-fashion-mnist" in msg
+
+
+def test_class_count_mismatch(capsys):
+    msg = cli_error(BASE + ["--nb_classes", "5"], capsys)
+    assert "--nb_classes 5" in msg and "10 classes" in msg
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--batch_size", "0"], "--batch_size must be > 0"),
+    (["--layer_decay", "1.5"], "--layer_decay must be in (0, 1]"),
+    (["--drop_path", "1.0"], "--drop_path must be in [0, 1)"),
+    (["--with_small_kernel_merged", "true"], "use it with --eval true"),
+    (["--deploy", "true"], "cannot be built with"),
+])
+def test_invalid_flag_values(capsys, flags, expected):
+    assert expected in cli_error(BASE + flags, capsys)
+
+
+def test_invalid_boolean_is_rejected_by_the_parser(capsys):
+    with pytest.raises(SystemExit) as exc:
+        lk_main.cli(BASE + ["--model_ema", "maybe"])
+    assert exc.value.code == 2
+    assert "expected a boolean" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, value", [("true", True), ("True", True), ("yes", True),
+                                         ("1", True), ("false", False), ("False", False),
+                                         ("no", False), ("0", False)])
+def test_str2bool_spellings(text, value):
+    assert utils.str2bool(text) is value
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpts")
+    assert lk_main.cli(BASE + ["--epochs", "2", "--output_dir", str(out)]) == 0
+    return out
+
+
+def test_truncated_resume_names_the_file(capsys, two_checkpoints, tmp_path):
+    bad = tmp_path / "checkpoint-1.pth"
+    data = (two_checkpoints / "checkpoint-1.pth").read_bytes()
+    bad.write_bytes(data[: len(data) // 2])
+    msg = cli_error(BASE + ["--eval", "true", "--resume", str(bad)], capsys)
+    assert str(bad) in msg and "cannot read checkpoint" in msg
+
+
+def test_auto_resume_falls_back_past_a_truncated_checkpoint(capsys, two_checkpoints, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(two_checkpoints, out)
+    newest = out / "checkpoint-1.pth"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    assert lk_main.cli(BASE + ["--epochs", "2", "--output_dir", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert f"{newest}" in text and f"falling back to {out / 'checkpoint-0.pth'}" in text
+    assert "Resume checkpoint " + str(out / "checkpoint-0.pth") in text
+    # Epoch 1 was trained again and its checkpoint rewritten whole.
+    ckpt = torch.load(newest, map_location="cpu", weights_only=False)
+    assert ckpt["epoch"] == 1
+
+
+def test_resume_with_wrong_architecture_lists_keys(capsys, two_checkpoints):
+    msg = cli_error(BASE + ["--model", "convnext_tiny", "--eval", "true", "--resume",
+                            str(two_checkpoints / "checkpoint-1.pth")], capsys)
+    assert "does not fit model convnext_tiny" in msg
+    assert "shape mismatches" in msg and "downsample_layers.0.0.weight" in msg
+    # convnext_tiny has a third block in stage 0 that convnext_atto lacks.
+    assert "54 missing: stages.0.2." in msg
+
+
+def test_missing_resume_file(capsys, tmp_path):
+    path = tmp_path / "nope.pth"
+    msg = cli_error(BASE + ["--eval", "true", "--resume", str(path)], capsys)
+    assert msg == f"error: checkpoint file not found: {path}"
+
+
+def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint-0.pth"
+    utils.atomic_save({"model": {"w": torch.ones(2)}}, str(path))
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        utils.atomic_save({"model": {"w": torch.zeros(2)}}, str(path))
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path)["model"]["w"], torch.ones(2))
+    assert os.listdir(tmp_path) == ["checkpoint-0.pth"]

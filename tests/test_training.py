@@ -1,0 +1,116 @@
+"""End-to-end behaviour of main.py on the embedded Fashion-MNIST set (CPU, small and seeded)."""
+import glob
+import json
+import os
+
+import pytest
+import torch
+
+import engine
+import main as lk_main
+
+FAST = ["--model", "convnext_atto", "--device", "cpu", "--input_size", "32", "--batch_size", "32",
+        "--num_workers", "0", "--lr", "2e-3", "--warmup_epochs", "1", "--aa", "none",
+        "--reprob", "0", "--train_subset", "960", "--eval_subset", "400"]
+
+
+def run(argv):
+    """main.py's command line in this process: returns (exit code, stats of the last epoch)."""
+    args = lk_main.get_args_parser().parse_args(argv)
+    return lk_main.main(args)
+
+
+def read_log(output_dir):
+    with open(os.path.join(output_dir, "log.txt")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Three epochs with EMA, mixup and drop path, as a user would train."""
+    out = tmp_path_factory.mktemp("run")
+    argv = FAST + ["--epochs", "3", "--model_ema", "true", "--model_ema_decay", "0.9",
+                   "--model_ema_eval", "true", "--drop_path", "0.1", "--mixup", "0.2",
+                   "--cutmix", "0", "--output_dir", str(out), "--log_dir", str(out / "tb")]
+    stats = run(argv)
+    return out, argv, stats
+
+
+def test_training_learns_and_writes_logs_and_checkpoints(trained):
+    out, _, stats = trained
+    log = read_log(out)
+    assert [row["epoch"] for row in log] == [0, 1, 2]
+    assert log[-1]["train_loss"] < log[0]["train_loss"] - 0.1
+    # 10 balanced classes: chance is 10%.
+    assert log[-1]["test_acc1"] > 40.0
+    assert stats["test_acc1"] == log[-1]["test_acc1"]
+    for key in ("train_lr", "test_acc5", "test_loss", "test_acc1_ema", "n_parameters"):
+        assert key in log[-1]
+    assert glob.glob(str(out / "tb" / "events.out.tfevents*"))
+    names = sorted(os.path.basename(p) for p in glob.glob(str(out / "checkpoint-*.pth")))
+    assert names == ["checkpoint-0.pth", "checkpoint-1.pth", "checkpoint-2.pth",
+                     "checkpoint-best-ema.pth", "checkpoint-best.pth"]
+    ckpt = torch.load(out / "checkpoint-2.pth", map_location="cpu", weights_only=False)
+    assert set(ckpt) == {"model", "optimizer", "epoch", "scaler", "args", "model_ema"}
+    assert ckpt["epoch"] == 2
+    assert not glob.glob(str(out / "*.tmp*"))
+
+
+def test_ema_differs_from_model_and_loads_back(trained, tmp_path):
+    out, argv, _ = trained
+    ckpt = torch.load(out / "checkpoint-2.pth", map_location="cpu", weights_only=False)
+    differs = [k for k, v in ckpt["model"].items()
+               if v.is_floating_point() and not torch.equal(v, ckpt["model_ema"][k])]
+    assert len(differs) > 10
+    args = lk_main.get_args_parser().parse_args(argv + ["--resume", str(out / "checkpoint-2.pth")])
+    args.nb_classes = 10
+    model = lk_main.build_model(args, 10)
+    from timm.utils import ModelEmaV2
+    ema = ModelEmaV2(model)
+    import utils
+    utils.auto_load_model(args, model, None, None, ema)
+    for key, value in ckpt["model_ema"].items():
+        assert torch.equal(ema.module.state_dict()[key], value)
+    for key, value in ckpt["model"].items():
+        assert torch.equal(model.state_dict()[key], value)
+    assert args.start_epoch == 3
+
+
+def test_eval_with_resume_reproduces_logged_accuracy(trained):
+    out, _, _ = trained
+    logged = read_log(out)[1]
+    stats = run(FAST + ["--eval", "true", "--resume", str(out / "checkpoint-1.pth"),
+                        "--model_ema", "true", "--model_ema_eval", "true"])
+    assert stats["acc1"] == pytest.approx(logged["test_acc1"], abs=1e-9)
+    assert stats["acc5"] == pytest.approx(logged["test_acc5"], abs=1e-9)
+    assert stats["acc1_ema"] == pytest.approx(logged["test_acc1_ema"], abs=1e-9)
+
+
+def test_auto_resume_after_a_crash_matches_uninterrupted_run(trained, tmp_path, monkeypatch):
+    out, argv, _ = trained
+    resumed = tmp_path / "resumed"
+    argv = [a if a != str(out) else str(resumed) for a in argv]
+    argv = [a if a != str(out / "tb") else str(resumed / "tb") for a in argv]
+
+    real_train = engine.train_one_epoch
+
+    def crash_in_epoch_2(*args, **kwargs):
+        if args[5] == 2:
+            raise KeyboardInterrupt("simulated kill during epoch 2")
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(lk_main, "train_one_epoch", crash_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        run(argv)
+    monkeypatch.setattr(lk_main, "train_one_epoch", real_train)
+    assert sorted(os.listdir(resumed)) == sorted(
+        ["checkpoint-0.pth", "checkpoint-1.pth", "checkpoint-best.pth",
+         "checkpoint-best-ema.pth", "log.txt", "tb"])
+    run(argv)  # --auto_resume is on by default
+
+    full = torch.load(out / "checkpoint-2.pth", map_location="cpu", weights_only=False)
+    again = torch.load(resumed / "checkpoint-2.pth", map_location="cpu", weights_only=False)
+    for part in ("model", "model_ema"):
+        for key, value in full[part].items():
+            assert torch.equal(again[part][key], value), f"{part}.{key} differs after resume"
+    assert [r["epoch"] for r in read_log(resumed)] == [0, 1, 2]
