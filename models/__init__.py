@@ -8,6 +8,7 @@ from .registry import (Family, add_family_args, create_model, family_kwargs, get
 from . import convnext  # noqa: F401  (registers the family)
 from . import replknet, unireplknet  # noqa: F401
 from . import slak  # noqa: F401
+from . import convnext_1d  # noqa: F401
 
 __all__ = ["Family", "add_family_args", "create_model", "family_kwargs", "get_family",
            "list_families", "list_models", "register_family", "register_model",

@@ -12,7 +12,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from .layers import DepthwiseConv2d, DropPath, LayerNorm2d, trunc_normal_
-from .registry import Family, register_family, register_model
+from .registry import Family, create_model, register_family, register_model
 
 
 class ConvNeXtBlock(nn.Module):
@@ -110,7 +110,27 @@ def convnext_layer_id(name: str, num_layers: int = 12) -> int:
     return num_layers + 1
 
 
-register_family(Family(name="convnext", layer_id_for=convnext_layer_id))
+ORIENTED_VARIANTS = ("2d", "1d", "1dpp", "2dpp")
+
+
+def add_convnext_args(parser) -> None:
+    """Oriented1D's ``--variant``: ``convnext_tiny``/``convnext_base`` with oriented 1D kernels."""
+    parser.add_argument_group("ConvNeXt").add_argument(
+        "--variant", type=str, default="2d", choices=ORIENTED_VARIANTS,
+        help="ConvNeXt variant (Oriented1D): 2d (ConvNeXt), 1d, 1dpp, 2dpp")
+
+
+def convnext_kwargs(args) -> dict:
+    if args.variant == "2d":
+        return {}
+    if args.model not in ("convnext_tiny", "convnext_base"):
+        raise ValueError(f"--variant {args.variant} exists for convnext_tiny and convnext_base "
+                         f"only, not {args.model}")
+    return {"variant": args.variant}
+
+
+register_family(Family(name="convnext", layer_id_for=convnext_layer_id,
+                       add_args=add_convnext_args, kwargs_from_args=convnext_kwargs))
 
 
 def _convnext(depths: Sequence[int], dims: Sequence[int], **kwargs) -> ConvNeXt:
@@ -123,8 +143,17 @@ def convnext_atto(**kwargs) -> ConvNeXt:
     return _convnext((2, 2, 6, 2), (40, 80, 160, 320), **kwargs)
 
 
+def _oriented(name: str, variant: str, kwargs) -> nn.Module:
+    """Oriented1D's ``variant`` argument; those models are registered as ``{name}_{variant}``."""
+    if variant not in ORIENTED_VARIANTS:
+        raise ValueError(f"variant must be one of {', '.join(ORIENTED_VARIANTS)}, got {variant!r}")
+    return create_model(f"{name}_{variant}", **kwargs)
+
+
 @register_model("convnext")
-def convnext_tiny(**kwargs) -> ConvNeXt:
+def convnext_tiny(variant: str = "2d", **kwargs) -> nn.Module:
+    if variant != "2d":
+        return _oriented("convnext_tiny", variant, kwargs)
     return _convnext((3, 3, 9, 3), (96, 192, 384, 768), **kwargs)
 
 
@@ -134,7 +163,9 @@ def convnext_small(**kwargs) -> ConvNeXt:
 
 
 @register_model("convnext")
-def convnext_base(**kwargs) -> ConvNeXt:
+def convnext_base(variant: str = "2d", **kwargs) -> nn.Module:
+    if variant != "2d":
+        return _oriented("convnext_base", variant, kwargs)
     return _convnext((3, 3, 27, 3), (128, 256, 512, 1024), **kwargs)
 
 

@@ -1,0 +1,173 @@
+"""Depthwise oriented 1D convolution (Kirchmeyer & Deng, ICCV 2023), in pure PyTorch.
+
+Channel c convolves with a 1 x S kernel laid along the angle ``theta[c]``. Tap positions follow
+princeton-vl/Oriented1D's kernels exactly: with ``pad = S // 2`` and ``k = s - pad``, tap ``s``
+reads the input at row offset ``trunc(-sin(theta) * k)`` and column offset ``trunc(cos(theta) * k)``,
+both computed in float32 and truncated toward zero (so at 45 degrees several taps can land on the
+same pixel), with zero padding and stride ``st``: ``y[p, q] = sum_s w[s] x[p*st + dh_s, q*st + dw_s]``.
+
+Implementation: channels with the same tap pattern (upstream's angle groups are contiguous runs
+of channels) are convolved with one *sparse 2D kernel* of size (2*max|dh|+1, 2*max|dw|+1) that
+holds the 1D taps at their offsets (taps on the same pixel add up). That is the same sum, so the
+result is exact up to float rounding, autograd gives exact gradients for input, weight and bias,
+and only the input and the small kernel are kept for backward. Stride-1 convs go through
+:func:`models.layers.depthwise_conv2d`, the one entry point for large depthwise kernels; sizes not
+divisible by the stride give ceil(H / st) outputs, as zero-padding to a multiple would
+(upstream's ``forward_safe``). A dedicated CUDA kernel can replace :func:`oriented_conv1d` later.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .layers import depthwise_conv2d
+
+__all__ = ["OrientedConv1d", "oriented_conv1d", "tap_offsets", "channel_angles"]
+
+
+def channel_angles(channels: int, num_directions: int = 8, layer_offset: float = 0.0) -> List[float]:
+    """Upstream's per-channel angles: contiguous groups of ~C/N channels share ``n / N * pi``.
+
+    Channel c is in group ``n = (N * (c + 1) - 1) // C``; ``layer_offset`` (a fraction of pi,
+    0.5 on odd blocks when the layer cycle is on) rotates every angle, modulo pi.
+    """
+    return [math.pi * (((num_directions * (c + 1) - 1) // channels / num_directions + layer_offset)
+                       % 1) for c in range(channels)]
+
+
+def tap_offsets(theta: torch.Tensor, kernel_size: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(C, S) int64 row and column offsets of every tap, exactly as upstream computes them.
+
+    Upstream stores ``sin(theta)`` in a float and multiplies it by the int ``s - pad`` in float32
+    before the C cast truncates toward zero; float64 sin rounded to float32 reproduces that.
+    """
+    theta = theta.detach().to("cpu", torch.float64).reshape(-1)
+    k = torch.arange(kernel_size, dtype=torch.float32) - kernel_size // 2
+    sin = theta.sin().float()[:, None]
+    cos = theta.cos().float()[:, None]
+    return torch.trunc(-sin * k).long(), torch.trunc(cos * k).long()
+
+
+@dataclass(frozen=True)
+class _Group:
+    """A run of channels ``start:stop`` sharing one tap pattern, as a sparse 2D kernel."""
+
+    start: int
+    stop: int
+    radius: Tuple[int, int]
+    positions: torch.Tensor  # (S,) flat index of each tap in the (2rh+1) x (2rw+1) kernel
+
+
+def _plan(theta: torch.Tensor, kernel_size: int, device: torch.device) -> List[_Group]:
+    dh, dw = tap_offsets(theta, kernel_size)
+    pattern = torch.cat([dh, dw], dim=1)
+    change = (pattern[1:] != pattern[:-1]).any(dim=1).nonzero().flatten() + 1
+    bounds = [0] + change.tolist() + [pattern.shape[0]]
+    groups = []
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        gh, gw = dh[start], dw[start]
+        rh, rw = int(gh.abs().max()), int(gw.abs().max())
+        positions = ((gh + rh) * (2 * rw + 1) + gw + rw).to(device)
+        groups.append(_Group(start, stop, (rh, rw), positions))
+    return groups
+
+
+def _sparse_kernel(weight: torch.Tensor, group: _Group, resid: bool) -> torch.Tensor:
+    """(n, 1, 2rh+1, 2rw+1) kernel with the 1D taps of ``weight`` (n, 1, 1, S) at their offsets."""
+    rh, rw = group.radius
+    kh, kw = 2 * rh + 1, 2 * rw + 1
+    taps = weight.reshape(weight.shape[0], -1)
+    kernel = taps.new_zeros(taps.shape[0], kh * kw).index_add(1, group.positions, taps)
+    if resid:
+        # Upstream's residual form adds 1 to the centre tap: y = x + conv(x) (stride 1).
+        kernel[:, rh * kw + rw] += 1
+    return kernel.reshape(-1, 1, kh, kw)
+
+
+def oriented_conv1d(x: torch.Tensor, weight: torch.Tensor, theta: torch.Tensor,
+                    bias: Optional[torch.Tensor] = None, stride: int = 1, resid: bool = False,
+                    nhwc: bool = False, plan: Optional[List[_Group]] = None) -> torch.Tensor:
+    """Depthwise oriented 1D conv of ``x`` (N, C, H, W), or (N, H, W, C) with ``nhwc``.
+
+    ``weight`` is (C, 1, 1, S) with S odd, ``theta`` (C,) angles in radians, ``bias`` (C,) or
+    None. Returns (N, C, ceil(H/stride), ceil(W/stride)) (NHWC if ``nhwc``). ``resid`` adds the
+    identity tap (``x + conv(x)`` at stride 1). ``plan`` is a cached channel grouping from the
+    same theta (see :class:`OrientedConv1d`); by default it is computed here (a host sync).
+    """
+    channels, _, one, kernel_size = weight.shape
+    if one != 1 or kernel_size % 2 == 0:
+        raise ValueError(f"weight must be (C, 1, 1, S) with S odd, got {tuple(weight.shape)}")
+    if nhwc:
+        x = x.permute(0, 3, 1, 2)
+    if x.shape[1] != channels or theta.numel() != channels:
+        raise ValueError(f"input has {x.shape[1]} channels, weight {channels}, "
+                         f"theta {theta.numel()}; they must be equal (depthwise)")
+    if plan is None:
+        plan = _plan(theta, kernel_size, weight.device)
+    outputs = []
+    for group in plan:
+        sl = slice(group.start, group.stop)
+        xs = x if len(plan) == 1 else x[:, sl]
+        kernel = _sparse_kernel(weight[sl], group, resid)
+        b = None if bias is None else bias[sl]
+        if stride == 1:
+            outputs.append(depthwise_conv2d(xs, kernel, b, padding=group.radius))
+        else:
+            outputs.append(F.conv2d(xs, kernel, b, stride, group.radius, 1, kernel.shape[0]))
+    y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
+    return y.permute(0, 2, 3, 1) if nhwc else y
+
+
+class OrientedConv1d(nn.Conv2d):
+    """Depthwise oriented 1D conv module; keys ``weight`` (C, 1, 1, S), ``bias``, ``theta`` (C,).
+
+    A drop-in for upstream's ``DepthwiseOrientedConv1d``: ``theta`` is an ``nn.Parameter`` so
+    checkpoints match, but with ``requires_grad=False``: upstream never computes its gradient,
+    and freezing it keeps it out of the optimizer's updates.
+
+    Args:
+        channels: C (in = out = groups).
+        kernel_size: S, odd.
+        stride: same in both directions.
+        bias: learnable per-channel bias.
+        angle: one angle for all channels, or C angles (radians).
+        resid: add the identity (``x + conv(x)``), upstream's fused residual.
+        nhwc: input and output are (N, H, W, C).
+    """
+
+    def __init__(self, channels: int, kernel_size: int, stride: int = 1, bias: bool = True,
+                 angle: Union[float, Sequence[float]] = 0.0, resid: bool = False,
+                 nhwc: bool = False) -> None:
+        if kernel_size % 2 == 0 or kernel_size < 1:
+            raise ValueError(f"oriented 1D kernels must have an odd size, got {kernel_size}")
+        super().__init__(channels, channels, (1, kernel_size), stride=stride,
+                         padding=(0, kernel_size // 2), groups=channels, bias=bias)
+        angles = [float(angle)] * channels if isinstance(angle, (int, float)) else list(angle)
+        if len(angles) != channels:
+            raise ValueError(f"expected 1 or {channels} angles, got {len(angles)}")
+        self.theta = nn.Parameter(torch.tensor(angles, dtype=torch.float32),
+                                  requires_grad=False)
+        self.resid = resid
+        self.nhwc = nhwc
+        self._plan_key = None
+        self._plan: Optional[List[_Group]] = None
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", resid={self.resid}, nhwc={self.nhwc}"
+
+    def tap_plan(self) -> List[_Group]:
+        """The channel grouping for the current theta, recomputed only when theta changes."""
+        key = (self.theta._version, self.theta.data_ptr(), self.weight.device)
+        if key != self._plan_key:
+            self._plan = _plan(self.theta, self.kernel_size[1], self.weight.device)
+            self._plan_key = key
+        return self._plan
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return oriented_conv1d(x, self.weight, self.theta, self.bias, self.stride[0], self.resid,
+                               self.nhwc, self.tap_plan())

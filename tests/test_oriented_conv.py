@@ -1,0 +1,155 @@
+"""The oriented depthwise 1D conv reproduces upstream's tap positions, forward and backward."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models.oriented_conv import OrientedConv1d, oriented_conv1d, tap_offsets
+
+
+def reference(x, w, theta, bias=None, stride=1, resid=False):
+    """Direct loop over upstream's formula (kernels.cpp fprop), zero padding, ceil(H/stride)."""
+    n, c, h, w_ = x.shape
+    s_len = w.shape[-1]
+    pad = s_len // 2
+    out_h, out_w = -(-h // stride), -(-w_ // stride)
+    y = torch.zeros(n, c, out_h, out_w, dtype=x.dtype)
+    for ch in range(c):
+        sin = torch.tensor(math.sin(float(theta[ch])), dtype=torch.float32)
+        cos = torch.tensor(math.cos(float(theta[ch])), dtype=torch.float32)
+        for s in range(s_len):
+            dh = int(float(-sin * (s - pad)))
+            dw = int(float(cos * (s - pad)))
+            tap = w[ch, 0, 0, s] + (1.0 if resid and s == pad else 0.0)
+            for p in range(out_h):
+                for q in range(out_w):
+                    hh, ww = p * stride + dh, q * stride + dw
+                    if 0 <= hh < h and 0 <= ww < w_:
+                        y[:, ch, p, q] += x[:, ch, hh, ww] * tap
+        if bias is not None:
+            y[:, ch] += bias[ch]
+    return y
+
+
+def test_offsets_at_45_degrees_truncate_toward_zero():
+    dh, dw = tap_offsets(torch.tensor([math.pi / 4]), 7)
+    assert list(zip(dh[0].tolist(), dw[0].tolist())) == [
+        (2, -2), (1, -1), (0, 0), (0, 0), (0, 0), (-1, 1), (-2, 2)]
+
+
+def test_theta_zero_is_a_1xS_conv():
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 9, 11, dtype=torch.float64)
+    w = torch.randn(4, 1, 1, 7, dtype=torch.float64)
+    b = torch.randn(4, dtype=torch.float64)
+    y = oriented_conv1d(x, w, torch.zeros(4), b)
+    torch.testing.assert_close(y, F.conv2d(x, w, b, padding=(0, 3), groups=4), rtol=0, atol=1e-12)
+
+
+def test_theta_90_is_the_tap_reversed_Sx1_conv():
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 9, 11, dtype=torch.float64)
+    w = torch.randn(4, 1, 1, 7, dtype=torch.float64)
+    y = oriented_conv1d(x, w, torch.full((4,), math.pi / 2))
+    flipped = w.flip(-1).reshape(4, 1, 7, 1)
+    torch.testing.assert_close(y, F.conv2d(x, flipped, padding=(3, 0), groups=4), rtol=0,
+                               atol=1e-12)
+
+
+@pytest.mark.parametrize("stride,size", [(1, (9, 8)), (2, (8, 8)), (2, (7, 5)), (3, (8, 7))])
+def test_matches_the_upstream_loop_formula(stride, size):
+    torch.manual_seed(0)
+    angles = [math.pi / 8, math.pi / 4, 3 * math.pi / 4, 0.3, math.pi / 2, 0.0]
+    theta = torch.tensor(angles, dtype=torch.float32)
+    x = torch.randn(2, 6, *size, dtype=torch.float64)
+    w = torch.randn(6, 1, 1, 9, dtype=torch.float64)
+    b = torch.randn(6, dtype=torch.float64)
+    y = oriented_conv1d(x, w, theta, b, stride=stride)
+    assert y.shape[-2:] == (-(-size[0] // stride), -(-size[1] // stride))
+    torch.testing.assert_close(y, reference(x, w, theta, b, stride), rtol=0, atol=1e-12)
+
+
+def test_nhwc_and_fused_residual():
+    torch.manual_seed(0)
+    theta = torch.tensor([math.pi / 8] * 3 + [5 * math.pi / 8] * 3)
+    x = torch.randn(2, 6, 7, 7, dtype=torch.float64)
+    w = torch.randn(6, 1, 1, 5, dtype=torch.float64)
+    y = oriented_conv1d(x.permute(0, 2, 3, 1), w, theta, resid=True, nhwc=True)
+    assert y.shape == (2, 7, 7, 6)
+    torch.testing.assert_close(y.permute(0, 3, 1, 2), reference(x, w, theta, resid=True),
+                               rtol=0, atol=1e-12)
+
+
+def test_gradcheck_input_weight_bias():
+    torch.manual_seed(0)
+    theta = torch.tensor([math.pi / 8, math.pi / 4, 3 * math.pi / 4])
+    x = torch.randn(1, 3, 6, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 1, 1, 5, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, dtype=torch.float64, requires_grad=True)
+    for stride in (1, 2):
+        assert torch.autograd.gradcheck(
+            lambda x, w, b: oriented_conv1d(x, w, theta, b, stride=stride), (x, w, b))
+
+
+def test_backward_keeps_no_per_tap_copies():
+    """Only the input (views of it) and the small kernels are saved, not S shifted copies."""
+    torch.manual_seed(0)
+    conv = OrientedConv1d(16, 31, angle=[i * math.pi / 8 for i in range(8) for _ in range(2)])
+    x = torch.randn(2, 16, 32, 32, requires_grad=True)
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = conv(x)
+    assert sum(storages.values()) < 2 * x.numel() * x.element_size()
+    y.sum().backward()
+    assert x.grad is not None and conv.weight.grad is not None
+
+
+def test_module_keys_frozen_theta_and_plan_refresh():
+    torch.manual_seed(0)
+    conv = OrientedConv1d(4, 5, angle=0.0)
+    assert list(conv.state_dict()) == ["weight", "bias", "theta"]
+    assert isinstance(conv.theta, torch.nn.Parameter) and not conv.theta.requires_grad
+    x = torch.randn(1, 4, 6, 6)
+    y0 = conv(x)
+    conv(x).sum().backward()
+    assert conv.theta.grad is None and conv.weight.grad is not None
+    state = conv.state_dict()
+    state["theta"] = torch.full((4,), math.pi / 2)
+    conv.load_state_dict(state)
+    y90 = conv(x)
+    expected = F.conv2d(x, conv.weight.flip(-1).reshape(4, 1, 5, 1), conv.bias, padding=(2, 0),
+                        groups=4)
+    torch.testing.assert_close(y90, expected)
+    assert not torch.allclose(y0, y90)
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="odd"):
+        OrientedConv1d(4, 6)
+    with pytest.raises(ValueError, match="angles"):
+        OrientedConv1d(4, 5, angle=[0.0, 1.0])
+    with pytest.raises(ValueError, match="channels"):
+        oriented_conv1d(torch.randn(1, 3, 4, 4), torch.randn(4, 1, 1, 5), torch.zeros(4))
+
+
+@pytest.mark.gpu
+def test_cuda_matches_cpu():
+    torch.manual_seed(0)
+    conv = OrientedConv1d(16, 31, stride=2, angle=[i * math.pi / 16 for i in range(16)])
+    x = torch.randn(2, 16, 29, 30, requires_grad=True)
+    y = conv(x)
+    y.square().sum().backward()
+    conv_cuda = OrientedConv1d(16, 31, stride=2).cuda()
+    conv_cuda.load_state_dict(conv.state_dict())
+    x_cuda = x.detach().cuda().requires_grad_()
+    y_cuda = conv_cuda(x_cuda)
+    y_cuda.square().sum().backward()
+    torch.testing.assert_close(y_cuda.cpu(), y, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(x_cuda.grad.cpu(), x.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(conv_cuda.weight.grad.cpu(), conv.weight.grad, rtol=1e-3, atol=1e-3)
