@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from .layers import DepthwiseConv2d, DropPath, LayerNorm2d, trunc_normal_
+from .layers import DepthwiseConv2d, DropPath, LayerNorm2d, drop_path_rates, trunc_normal_
 from .registry import Family, create_model, register_family, register_model
 
 
@@ -57,7 +57,7 @@ class ConvNeXt(nn.Module):
         self.downsample_layers = nn.ModuleList([convnext_stem(in_chans, dims[0])])
         self.downsample_layers.extend(
             convnext_downsample(dims[i], dims[i + 1]) for i in range(len(dims) - 1))
-        rates = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        rates = drop_path_rates(drop_path_rate, sum(depths))
         self.stages = nn.ModuleList()
         for i, depth in enumerate(depths):
             start = sum(depths[:i])

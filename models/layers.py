@@ -6,7 +6,7 @@ in one place (torch/cuDNN today; the CUDA extension in ``kernels/`` when it is b
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 
 __all__ = ["DropPath", "trunc_normal_", "LayerNorm2d", "DepthwiseConv2d", "depthwise_conv2d",
-           "to_2tuple"]
+           "to_2tuple", "drop_path_rates"]
 
 IntOrPair = Union[int, Tuple[int, int]]
 
@@ -24,6 +24,16 @@ def to_2tuple(value: IntOrPair) -> Tuple[int, int]:
         return value, value
     first, second = value
     return int(first), int(second)
+
+
+def drop_path_rates(drop_path_rate: float, num_blocks: int) -> List[float]:
+    """Stochastic-depth rate of each block, rising linearly from 0 to ``drop_path_rate``.
+
+    Plain Python (not torch.linspace) so models can be built on the meta device.
+    """
+    if num_blocks == 1:
+        return [0.0]
+    return [drop_path_rate * i / (num_blocks - 1) for i in range(num_blocks)]
 
 
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
