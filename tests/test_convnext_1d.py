@@ -129,3 +129,59 @@ def test_small_model_trains_and_theta_stays_frozen(variant):
     # The 1D stem (two stride-2 oriented convs) rounds up, the 4x4/s4 conv stem down.
     expected = (12, 10) if variant in ("1d", "1dpp") else (11, 9)
     assert model.downsample_layers[0](x).shape[-2:] == expected
+
+
+def _tool():
+    import importlib.util
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools",
+                        "convert_to_backbone_weights.py")
+    spec = importlib.util.spec_from_file_location("convert_to_backbone_weights", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("variant", ["1d", "1dpp", "2dpp"])
+def test_backbone_conversion_renames_and_centre_crops(variant):
+    tool = _tool()
+    torch.manual_seed(0)
+    state = models.create_model("convnext_tiny", variant=variant).state_dict()
+    out = tool.convert(state, variant)
+    assert len(out) == len(state)
+    sizes = tool.BACKBONE_KERNELS[variant]
+    for stage in range(4):
+        name = "dwconv" if variant == "1d" else "dwconv2"
+        src = state[f"stages.{stage}.1.{name}.weight"]
+        dst = out[f"stages.{stage}.1.{name}.conv.weight"]
+        size = sizes[stage][-1]
+        assert dst.shape == (src.shape[0], 1, 1, size)
+        start = (src.shape[-1] - size) // 2
+        assert torch.equal(dst, src[..., start:start + size])
+        assert torch.equal(out[f"stages.{stage}.1.{name}.conv.theta"],
+                           state[f"stages.{stage}.1.{name}.theta"])
+        assert f"stages.{stage}.1.{name}.weight" not in out
+    if variant == "2dpp":  # the 7x7 conv is not wrapped downstream: unchanged
+        assert torch.equal(out["stages.0.0.dwconv1.weight"], state["stages.0.0.dwconv1.weight"])
+    else:  # the stem keeps its kernels, only renamed
+        assert torch.equal(out["downsample_layers.0.dw1.conv.weight"],
+                           state["downsample_layers.0.dw1.weight"])
+    assert torch.equal(out["head.weight"], state["head.weight"])
+
+
+def test_backbone_conversion_cli(tmp_path, capsys):
+    tool = _tool()
+    torch.manual_seed(0)
+    state = models.create_model("convnext_tiny_1d", num_classes=10).state_dict()
+    src = tmp_path / "convnext_tiny_1d_best_ema.pth"
+    torch.save({"model": state, "epoch": 3}, src)
+    out_dir = tmp_path / "backbones"
+    assert tool.main(["--model", "convnext_tiny", "--variant", "1d", "--checkpoint", str(src),
+                      "--output_dir", str(out_dir)]) == 0
+    assert sorted(os.listdir(out_dir)) == ["convnext_tiny_1d_best_ema.pth"]
+    converted = torch.load(out_dir / "convnext_tiny_1d_best_ema.pth")
+    assert converted["stages.3.2.dwconv.conv.weight"].shape == (768, 1, 1, 13)
+    assert converted["stages.0.0.dwconv.conv.weight"].shape == (96, 1, 1, 31)
+    # A checkpoint of another variant is refused with the mismatch named.
+    assert tool.main(["--model", "convnext_tiny", "--variant", "1dpp", "--checkpoint", str(src),
+                      "--output_dir", str(out_dir)]) == 2
+    assert "not a convnext_tiny --variant 1dpp checkpoint" in capsys.readouterr().err
