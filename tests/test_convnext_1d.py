@@ -25,8 +25,7 @@ def _snapshot(size, variant):
 
 
 def _build(size, variant, device="meta"):
-    # ConvNeXt (2d) is not buildable on the meta device (its drop-path linspace); it is fast on CPU.
-    with torch.device("cpu" if variant == "2d" else device):
+    with torch.device(device):
         return models.create_model(f"convnext_{size}", variant=variant)
 
 
@@ -185,3 +184,9 @@ def test_backbone_conversion_cli(tmp_path, capsys):
     assert tool.main(["--model", "convnext_tiny", "--variant", "1dpp", "--checkpoint", str(src),
                       "--output_dir", str(out_dir)]) == 2
     assert "not a convnext_tiny --variant 1dpp checkpoint" in capsys.readouterr().err
+
+
+def test_backbone_conversion_leaves_2d_untouched():
+    state = {"stages.0.0.dwconv.weight": torch.randn(4, 1, 7, 7), "head.bias": torch.zeros(3)}
+    out = _tool().convert(state, "2d")
+    assert out.keys() == state.keys() and all(torch.equal(out[k], state[k]) for k in state)

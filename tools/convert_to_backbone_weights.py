@@ -86,8 +86,7 @@ def convert_checkpoint(model: str, variant: str, checkpoint: str, output_dir: st
         raise UserError(f"--variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
     state = utils.extract_state_dict(utils.load_checkpoint_file(checkpoint), "model|module")
     head = state.get("head.weight")
-    # Shapes only: the oriented variants build on the meta device; ConvNeXt (2d) needs the CPU.
-    with torch.device("cpu" if variant == "2d" else "meta"):
+    with torch.device("meta"):  # shapes only
         reference = models.create_model(model, variant=variant,
                                         num_classes=head.shape[0] if head is not None else 1000)
     missing, unexpected, shapes = utils.state_dict_mismatch(reference, state)
