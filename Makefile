@@ -4,8 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
 # The demo trains for a few epochs on a subset of Fashion-MNIST, on the CPU, in a few minutes.
-DEMO_ARGS ?= --model convnext_atto --device cpu --epochs 3 --batch_size 32 --input_size 32 \
-	--train_subset 3000 --eval_subset 1000 --num_workers 2 --lr 2e-3 --warmup_epochs 1 \
+DEMO_ARGS ?= --model convnext_atto --device cpu --epochs 4 --batch_size 32 --input_size 32 \
+	--train_subset 10000 --eval_subset 2000 --num_workers 2 --lr 2e-3 --warmup_epochs 1 \
 	--mixup 0 --cutmix 0 --reprob 0 --aa none --drop_path 0 --output_dir output/demo \
 	--log_dir output/demo/tb
 
@@ -22,7 +22,9 @@ $(VENV)/.installed: requirements.txt
 data:
 	@bash tools/install_fashion_mnist.sh
 
+# The demo starts from scratch each time (a kept output/demo would auto-resume, finished).
 demo: setup data
+	rm -rf output/demo
 	OMP_NUM_THREADS=1 $(PY) main.py $(DEMO_ARGS)
 
 test: setup data

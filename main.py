@@ -101,7 +101,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help='Random erase mode (default: "pixel")')
     parser.add_argument("--recount", type=int, default=1, help="Random erase count (default: 1)")
     parser.add_argument("--resplit", type=str2bool, default=False,
-                        help="Do not random erase first (clean) augmentation split")
+                        help="accepted for upstream compatibility; no effect (as in ConvNeXt)")
     parser.add_argument("--mixup", type=float, default=0.8,
                         help="mixup alpha, mixup enabled if > 0.")
     parser.add_argument("--cutmix", type=float, default=1.0,
@@ -357,6 +357,9 @@ def train(args, model, model_without_ddp, model_ema, optimizer, loss_scaler, tra
 
     max_accuracy = max_accuracy_ema = 0.0
     stats: Dict[str, Any] = {}
+    if args.start_epoch >= args.epochs:
+        print(f"Nothing to train: the run is at epoch {args.start_epoch} of {args.epochs} "
+              "(raise --epochs, or use a new --output_dir)")
     print(f"Start training for {args.epochs} epochs (from epoch {args.start_epoch})")
     start_time = time.time()
     for epoch in range(args.start_epoch, args.epochs):
