@@ -312,14 +312,12 @@ def run_eval(args, model, model_without_ddp, model_ema, val_loader, device, amp_
         models.reparameterize_model(model_without_ddp)
         print(f"Re-parameterized {args.model} for evaluation")
     stats = evaluate(val_loader, model, device, amp_dtype)
-    print(f"Accuracy of the network on {len(val_loader.dataset)} test images: "
-          f"{stats['acc1']:.5f}%")
+    print(f"Accuracy of the network on the test images: {stats['acc1']:.5f}%")
     if model_ema is not None and args.model_ema_eval:
         if args.with_small_kernel_merged:
             models.reparameterize_model(model_ema.module)
         ema_stats = evaluate(val_loader, model_ema.module, device, amp_dtype, header="Test (EMA):")
-        print(f"Accuracy of the model EMA on {len(val_loader.dataset)} test images: "
-              f"{ema_stats['acc1']:.5f}%")
+        print(f"Accuracy of the model EMA on the test images: {ema_stats['acc1']:.5f}%")
         stats.update({f"{k}_ema": v for k, v in ema_stats.items()})
     return stats
 
@@ -381,8 +379,7 @@ def train(args, model, model_without_ddp, model_ema, optimizer, loss_scaler, tra
         stats = {**{f"train_{k}": v for k, v in train_stats.items()}}
         if val_loader is not None:
             test_stats = evaluate(val_loader, model, device, amp_dtype)
-            print(f"Accuracy of the model on the {len(val_loader.dataset)} test images: "
-                  f"{test_stats['acc1']:.1f}%")
+            print(f"Accuracy of the model on the test images: {test_stats['acc1']:.1f}%")
             if test_stats["acc1"] > max_accuracy:
                 max_accuracy = test_stats["acc1"]
                 if args.output_dir and args.save_ckpt:

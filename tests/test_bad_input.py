@@ -135,3 +135,18 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch
     monkeypatch.undo()
     assert torch.equal(torch.load(path)["model"]["w"], torch.ones(2))
     assert os.listdir(tmp_path) == ["checkpoint-0.pth"]
+
+
+def test_non_finite_loss_stops_with_the_step(capsys, monkeypatch):
+    import engine
+
+    class NanLoss(torch.nn.Module):
+        def forward(self, output, target):
+            return output.sum() * float("nan")
+
+    model = lk_main.models.create_model("convnext_atto", num_classes=10)
+    data = [(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))] * 3
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(utils.UserError, match=r"loss is nan at epoch 4, iteration 0"):
+        engine.train_one_epoch(model, NanLoss(), data, optimizer, torch.device("cpu"), 4,
+                               utils.LossScaler(False, "cpu"), num_training_steps_per_epoch=3)
