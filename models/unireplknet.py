@@ -150,16 +150,16 @@ class UniRepLKNetBlock(nn.Module):
                  layer_scale_init_value: Optional[float] = 1e-6, deploy: bool = False,
                  norm_layer=nn.BatchNorm2d, ffn_factor: int = 4) -> None:
         super().__init__()
+        dilated = sorted(k for k in DILATED_BRANCHES if k >= 7)
+        if kernel_size not in [0, 3, 5] + dilated:
+            raise ValueError(f"UniRepLKNet block kernel_size must be 0 (no dwconv), 3, 5 or one "
+                             f"of {dilated} (dilated re-param); got {kernel_size}")
         if kernel_size == 0:
             self.dwconv = nn.Identity()
         elif kernel_size >= 7:
             self.dwconv = DilatedReparamBlock(dim, kernel_size, deploy, norm_layer)
-        elif kernel_size in (3, 5):
-            self.dwconv = DepthwiseConv2d(dim, kernel_size, bias=deploy)
         else:
-            raise ValueError(f"UniRepLKNet block kernel_size must be 0 (no dwconv), 3, 5 or one "
-                             f"of {sorted(k for k in DILATED_BRANCHES if k >= 7)}; "
-                             f"got {kernel_size}")
+            self.dwconv = DepthwiseConv2d(dim, kernel_size, bias=deploy)
         self.norm = nn.Identity() if deploy or kernel_size == 0 else norm_layer(dim)
         self.se = SEBlock(dim, dim // 4)
         ffn_dim = int(ffn_factor * dim)
