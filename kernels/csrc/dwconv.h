@@ -1,0 +1,36 @@
+// Launch interface of the depthwise-conv kernels. Kept free of torch headers so that the .cu
+// translation unit compiles quickly; the torch glue lives in ops.cpp.
+#pragma once
+
+#include <cstdint>
+#include <cuda_runtime.h>
+
+namespace lknets {
+
+enum class DType { kFloat32, kFloat16, kBFloat16 };
+
+// One depthwise, stride-1 cross-correlation problem. `in` is (N, C, H, W) and `out` is
+// (N, C, Ho, Wo) with Ho = H + 2 * pad_h - kh + 1; both addressed through element strides, so any
+// memory layout (NCHW, channels_last, views) is read and written in place.
+struct ConvShape {
+  int N, C, H, W;
+  int Ho, Wo;
+  int kh, kw;
+  int pad_h, pad_w;  // may be negative (the input gradient of a conv padded by more than k - 1)
+  int64_t in_stride[4];
+  int64_t out_stride[4];
+};
+
+// y = x (*) w + bias. `weight` is fp32, contiguous (C, kh, kw); `bias` fp32 (C) or null.
+cudaError_t launch_forward(DType dtype, const void* x, const float* weight, const float* bias,
+                           void* y, const ConvShape& shape, cudaStream_t stream);
+
+// Weight gradient dw[c, i, j] = sum over n, oy, ox of dy[n, c, oy, ox] * x[n, c, oy + i - ph, ox + j - pw].
+// `in` of the shape is x, `out` is dy. It runs in two deterministic passes: per-block partial sums
+// into `workspace` (fp32, weight_grad_workspace_floats() elements), then a fixed-order reduction
+// into `grad_weight` (contiguous (C, kh, kw), of `dtype`).
+int64_t weight_grad_workspace_floats(const ConvShape& shape);
+cudaError_t launch_weight_grad(DType dtype, const void* x, const void* grad_out, float* workspace,
+                               void* grad_weight, const ConvShape& shape, cudaStream_t stream);
+
+}  // namespace lknets

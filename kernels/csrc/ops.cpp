@@ -1,0 +1,197 @@
+// Torch glue for the depthwise-conv kernels: argument checks, output allocation, and registration
+// of the CUDA operators lknets_cuda::{forward, input_grad, weight_grad}. The Python op in
+// kernels/ops.py (autograd, fake tensors, autocast) calls these.
+//
+// Layout: the kernels address every tensor through its strides, so NCHW, channels_last and other
+// views are read and written in place (no copies). Outputs take x's layout: channels_last when x is
+// channels_last, NCHW otherwise. Kernels wider than tall are the fast orientation; a kernel taller
+// than wide is run on the H/W-transposed views (a stride swap, not a copy).
+#include <Python.h>
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "dwconv.h"
+
+namespace lknets {
+namespace {
+
+DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default:
+      TORCH_CHECK(false, "lknets depthwise conv: dtype ", t.scalar_type(),
+                  " is not supported; accepted: float32, float16, bfloat16");
+  }
+  return DType::kFloat32;
+}
+
+at::MemoryFormat layout_of(const at::Tensor& t) {
+  return (!t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast))
+             ? at::MemoryFormat::ChannelsLast
+             : at::MemoryFormat::Contiguous;
+}
+
+void check_activation(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), "lknets depthwise conv: ", name, " must be a CUDA tensor, got ",
+              t.device());
+  TORCH_CHECK(t.dim() == 4, "lknets depthwise conv: ", name, " must be 4-D (N, C, H, W), got ",
+              t.sizes());
+  TORCH_CHECK(t.numel() < (int64_t(1) << 31) * 64, "lknets depthwise conv: ", name,
+              " is too large");
+}
+
+void check_kernel_size(int64_t kh, int64_t kw) {
+  TORCH_CHECK(kh >= 1 && kh <= 63 && kw >= 1 && kw <= 63,
+              "lknets depthwise conv: kernel size must be within 1..63 per side, got ", kh, "x", kw);
+}
+
+void check_weight(const at::Tensor& x, const at::Tensor& weight) {
+  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == 1 && weight.size(0) == x.size(1),
+              "lknets depthwise conv: weight must be (C, 1, kh, kw) with C = ", x.size(1),
+              ", got ", weight.sizes());
+  TORCH_CHECK(weight.device() == x.device(), "lknets depthwise conv: weight is on ",
+              weight.device(), " but the input is on ", x.device());
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "lknets depthwise conv: weight dtype ",
+              weight.scalar_type(), " differs from the input dtype ", x.scalar_type());
+  check_kernel_size(weight.size(2), weight.size(3));
+}
+
+// The shape of out = in (*) k for the (possibly H/W-transposed) views `in` and `out`.
+ConvShape make_shape(const at::Tensor& in, const at::Tensor& out, int64_t kh, int64_t kw,
+                     int64_t pad_h, int64_t pad_w) {
+  ConvShape s{};
+  s.N = static_cast<int>(in.size(0));
+  s.C = static_cast<int>(in.size(1));
+  s.H = static_cast<int>(in.size(2));
+  s.W = static_cast<int>(in.size(3));
+  s.Ho = static_cast<int>(out.size(2));
+  s.Wo = static_cast<int>(out.size(3));
+  s.kh = static_cast<int>(kh);
+  s.kw = static_cast<int>(kw);
+  s.pad_h = static_cast<int>(pad_h);
+  s.pad_w = static_cast<int>(pad_w);
+  for (int d = 0; d < 4; ++d) {
+    s.in_stride[d] = in.stride(d);
+    s.out_stride[d] = out.stride(d);
+  }
+  return s;
+}
+
+void check_launch(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "lknets depthwise conv: ", what, " failed: ",
+              cudaGetErrorString(err));
+}
+
+// out = in (*) weight (+ bias); `flip` rotates the kernel by 180 degrees (the input gradient).
+at::Tensor correlate(const at::Tensor& in, const at::Tensor& weight,
+                     const std::optional<at::Tensor>& bias, int64_t pad_h, int64_t pad_w,
+                     bool flip) {
+  const int64_t kh = weight.size(2), kw = weight.size(3);
+  const int64_t Ho = in.size(2) + 2 * pad_h - kh + 1;
+  const int64_t Wo = in.size(3) + 2 * pad_w - kw + 1;
+  TORCH_CHECK(Ho > 0 && Wo > 0, "lknets depthwise conv: kernel ", kh, "x", kw,
+              " with padding (", pad_h, ", ", pad_w, ") does not fit the input ", in.sizes());
+  at::Tensor out = at::empty({in.size(0), in.size(1), Ho, Wo},
+                             in.options().memory_format(layout_of(in)));
+  if (out.numel() == 0) return out;
+  const c10::cuda::CUDAGuard guard(in.device());
+  at::Tensor w = weight.to(at::kFloat).reshape({weight.size(0), kh, kw});
+  if (flip) w = w.flip({1, 2});
+  at::Tensor b;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == in.size(1),
+                "lknets depthwise conv: bias must be (C,) with C = ", in.size(1), ", got ",
+                bias->sizes());
+    b = bias->to(at::kFloat).contiguous();
+  }
+  const bool transpose = kw < kh;
+  const at::Tensor in_v = transpose ? in.transpose(2, 3) : in;
+  const at::Tensor out_v = transpose ? out.transpose(2, 3) : out;
+  w = (transpose ? w.transpose(1, 2) : w).contiguous();
+  const ConvShape s = transpose ? make_shape(in_v, out_v, kw, kh, pad_w, pad_h)
+                                : make_shape(in_v, out_v, kh, kw, pad_h, pad_w);
+  check_launch(launch_forward(dtype_of(in), in_v.data_ptr(), w.data_ptr<float>(),
+                              b.defined() ? b.data_ptr<float>() : nullptr, out_v.data_ptr(), s,
+                              c10::cuda::getCurrentCUDAStream().stream()),
+               "forward kernel");
+  return out;
+}
+
+at::Tensor forward(const at::Tensor& x, const at::Tensor& weight,
+                   const std::optional<at::Tensor>& bias, int64_t pad_h, int64_t pad_w) {
+  check_activation(x, "input");
+  check_weight(x, weight);
+  TORCH_CHECK(pad_h >= 0 && pad_w >= 0, "lknets depthwise conv: padding must be >= 0, got (",
+              pad_h, ", ", pad_w, ")");
+  return correlate(x, weight, bias, pad_h, pad_w, /*flip=*/false);
+}
+
+// grad_input = grad_out (*) rot180(weight) with padding k - 1 - pad (negative padding crops).
+at::Tensor input_grad(const at::Tensor& grad_out, const at::Tensor& weight, int64_t pad_h,
+                      int64_t pad_w) {
+  check_activation(grad_out, "grad_output");
+  check_weight(grad_out, weight);
+  return correlate(grad_out, weight, std::nullopt, weight.size(2) - 1 - pad_h,
+                   weight.size(3) - 1 - pad_w, /*flip=*/true);
+}
+
+at::Tensor weight_grad(const at::Tensor& x, const at::Tensor& grad_out, int64_t kh, int64_t kw,
+                       int64_t pad_h, int64_t pad_w) {
+  check_activation(x, "input");
+  check_activation(grad_out, "grad_output");
+  check_kernel_size(kh, kw);
+  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), "lknets depthwise conv: grad_output dtype ",
+              grad_out.scalar_type(), " differs from the input dtype ", x.scalar_type());
+  TORCH_CHECK(grad_out.size(0) == x.size(0) && grad_out.size(1) == x.size(1) &&
+                  grad_out.size(2) == x.size(2) + 2 * pad_h - kh + 1 &&
+                  grad_out.size(3) == x.size(3) + 2 * pad_w - kw + 1,
+              "lknets depthwise conv: grad_output ", grad_out.sizes(),
+              " does not match the input ", x.sizes(), " with kernel ", kh, "x", kw,
+              " and padding (", pad_h, ", ", pad_w, ")");
+  const c10::cuda::CUDAGuard guard(x.device());
+  const bool transpose = kw < kh;
+  at::Tensor grad_w = at::empty({x.size(1), 1, transpose ? kw : kh, transpose ? kh : kw},
+                                x.options());
+  if (x.numel() == 0 || grad_out.numel() == 0) {
+    grad_w.zero_();
+  } else {
+    const at::Tensor x_v = transpose ? x.transpose(2, 3) : x;
+    const at::Tensor g_v = transpose ? grad_out.transpose(2, 3) : grad_out;
+    const ConvShape s = transpose ? make_shape(x_v, g_v, kw, kh, pad_w, pad_h)
+                                  : make_shape(x_v, g_v, kh, kw, pad_h, pad_w);
+    at::Tensor workspace = at::empty({weight_grad_workspace_floats(s)}, x.options().dtype(at::kFloat));
+    check_launch(launch_weight_grad(dtype_of(x), x_v.data_ptr(), g_v.data_ptr(),
+                                    workspace.data_ptr<float>(), grad_w.data_ptr(), s,
+                                    c10::cuda::getCurrentCUDAStream().stream()),
+                 "weight-gradient kernel");
+  }
+  return transpose ? grad_w.transpose(2, 3).contiguous() : grad_w;
+}
+
+}  // namespace
+}  // namespace lknets
+
+TORCH_LIBRARY(lknets_cuda, m) {
+  m.def("forward(Tensor x, Tensor weight, Tensor? bias, int pad_h, int pad_w) -> Tensor");
+  m.def("input_grad(Tensor grad_out, Tensor weight, int pad_h, int pad_w) -> Tensor");
+  m.def(
+      "weight_grad(Tensor x, Tensor grad_out, int kernel_h, int kernel_w, int pad_h, int pad_w) "
+      "-> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(lknets_cuda, CUDA, m) {
+  m.impl("forward", &lknets::forward);
+  m.impl("input_grad", &lknets::input_grad);
+  m.impl("weight_grad", &lknets::weight_grad);
+}
+
+// `import kernels._C` only has to run the registrations above; the module itself is empty.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

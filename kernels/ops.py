@@ -1,0 +1,172 @@
+"""The depthwise-conv operator: ``lknets::dwconv2d`` and its gradients as torch custom ops.
+
+The ops are defined in Python so that they exist (for torch.compile tracing, fake tensors and
+autograd) whether or not the CUDA extension is built; the extension is loaded, or JIT-built and
+cached, on the first call that runs on a GPU. The weight gradient is deterministic: per-block
+partial sums are reduced in a fixed order, with no atomics.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+__all__ = ["depthwise_conv2d", "load_extension", "is_available", "is_built"]
+
+_lock = threading.Lock()
+_state = {"loaded": False, "error": None}
+
+
+def is_built() -> bool:
+    """True when ``kernels._C`` was compiled in place (setup.py build_ext / install)."""
+    import importlib.util
+    return importlib.util.find_spec("kernels._C") is not None
+
+
+def load_extension(jit: bool = True):
+    """Load the compiled operators (``torch.ops.lknets_cuda``), JIT-building them if allowed.
+
+    Raises RuntimeError with the reason when they cannot be had; the failure is remembered, so
+    later calls fail fast instead of retrying a multi-minute build.
+    """
+    with _lock:
+        if not _state["loaded"]:
+            if _state["error"] is not None:
+                raise RuntimeError(_state["error"])
+            try:
+                _load(jit)
+            except Exception as exc:  # remembered and re-raised with its message
+                _state["error"] = f"lknets kernels unavailable: {exc}"
+                raise RuntimeError(_state["error"]) from exc
+            _state["loaded"] = True
+    return torch.ops.lknets_cuda
+
+
+def _load(jit: bool) -> None:
+    if torch.version.cuda is None:
+        raise RuntimeError("this torch build has no CUDA support")
+    try:
+        from . import _C  # noqa: F401  (registers the ops)
+        return
+    except ImportError as exc:
+        if not jit:
+            raise RuntimeError(f"kernels._C is not built ({exc}); run `python setup.py build_ext "
+                               "--inplace`") from exc
+    from . import _build
+    import warnings
+    warnings.warn("lknets kernels: kernels._C is not built; compiling it now with "
+                  "torch.utils.cpp_extension (a few minutes, once; cached for later runs)",
+                  stacklevel=3)
+    _build.jit_build()
+
+
+def is_available(jit: bool = True) -> bool:
+    """True when a CUDA device is present and the operators load (building them if ``jit``)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        load_extension(jit)
+    except RuntimeError:
+        return False
+    return True
+
+
+def _output_layout(t: Tensor) -> torch.memory_format:
+    # Mirrors ops.cpp: outputs are channels_last only when the input is strictly channels_last.
+    if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+@torch.library.custom_op("lknets::dwconv2d", mutates_args=(), device_types="cuda")
+def dwconv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], pad_h: int, pad_w: int) -> Tensor:
+    return load_extension().forward(x, weight, bias, pad_h, pad_w)
+
+
+@dwconv2d.register_fake
+def _dwconv2d_fake(x, weight, bias, pad_h, pad_w):
+    n, c, h, w = x.shape
+    kh, kw = weight.shape[-2:]
+    return torch.empty((n, c, h + 2 * pad_h - kh + 1, w + 2 * pad_w - kw + 1), dtype=x.dtype,
+                       device=x.device, memory_format=_output_layout(x))
+
+
+@torch.library.custom_op("lknets::dwconv2d_input_grad", mutates_args=(), device_types="cuda")
+def dwconv2d_input_grad(grad_out: Tensor, weight: Tensor, pad_h: int, pad_w: int) -> Tensor:
+    return load_extension().input_grad(grad_out, weight, pad_h, pad_w)
+
+
+@dwconv2d_input_grad.register_fake
+def _dwconv2d_input_grad_fake(grad_out, weight, pad_h, pad_w):
+    n, c, ho, wo = grad_out.shape
+    kh, kw = weight.shape[-2:]
+    return torch.empty((n, c, ho - 2 * pad_h + kh - 1, wo - 2 * pad_w + kw - 1),
+                       dtype=grad_out.dtype, device=grad_out.device,
+                       memory_format=_output_layout(grad_out))
+
+
+@torch.library.custom_op("lknets::dwconv2d_weight_grad", mutates_args=(), device_types="cuda")
+def dwconv2d_weight_grad(x: Tensor, grad_out: Tensor, kernel_h: int, kernel_w: int, pad_h: int,
+                         pad_w: int) -> Tensor:
+    return load_extension().weight_grad(x, grad_out, kernel_h, kernel_w, pad_h, pad_w)
+
+
+@dwconv2d_weight_grad.register_fake
+def _dwconv2d_weight_grad_fake(x, grad_out, kernel_h, kernel_w, pad_h, pad_w):
+    return x.new_empty((x.shape[1], 1, kernel_h, kernel_w))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, pad_h, pad_w = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.pad = (pad_h, pad_w)
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad: Tensor):
+    x, weight = ctx.saved_tensors
+    pad_h, pad_w = ctx.pad
+    grad_x = grad_w = grad_b = None
+    if ctx.needs_input_grad[0]:
+        grad_x = dwconv2d_input_grad(grad, weight, pad_h, pad_w)
+    if ctx.needs_input_grad[1]:
+        grad_w = dwconv2d_weight_grad(x, grad, weight.shape[2], weight.shape[3], pad_h, pad_w)
+    if ctx.has_bias and ctx.needs_input_grad[2]:
+        grad_b = grad.sum((0, 2, 3), dtype=torch.float32).to(grad.dtype)
+    return grad_x, grad_w, grad_b, None, None
+
+
+dwconv2d.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _pair(value) -> Tuple[int, int]:
+    if isinstance(value, int):
+        return value, value
+    first, second = value
+    return int(first), int(second)
+
+
+def depthwise_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+                     padding=None) -> Tensor:
+    """Depthwise, stride-1 cross-correlation of CUDA ``x`` (N, C, H, W) with ``weight`` (C, 1, kh, kw).
+
+    ``padding`` (int or pair) defaults to ``(kh // 2, kw // 2)`` ('same' for odd kernels). Kernel
+    sides 1..63; fp32, fp16 or bf16 with fp32 accumulation; any memory layout. Under
+    ``torch.autocast`` the inputs are cast to the autocast dtype, as for ``F.conv2d``.
+    """
+    if x.dim() != 4 or weight.dim() != 4 or weight.shape[1] != 1 or weight.shape[0] != x.shape[1]:
+        raise ValueError("depthwise_conv2d expects x (N, C, H, W) and weight (C, 1, kh, kw); got "
+                         f"x {tuple(x.shape)} and weight {tuple(weight.shape)}")
+    kh, kw = weight.shape[-2:]
+    pad_h, pad_w = (kh // 2, kw // 2) if padding is None else _pair(padding)
+    if torch.is_autocast_enabled("cuda") and x.is_cuda:
+        dtype = torch.get_autocast_dtype("cuda")
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    elif weight.dtype != x.dtype or (bias is not None and bias.dtype != x.dtype):
+        raise TypeError(f"depthwise_conv2d: input dtype {x.dtype}, weight dtype {weight.dtype}"
+                        + (f", bias dtype {bias.dtype}" if bias is not None else "")
+                        + " must match (or run under torch.autocast)")
+    return dwconv2d(x, weight, bias, pad_h, pad_w)

@@ -1,0 +1,287 @@
+"""lknets' depthwise-conv CUDA extension: build helpers and dispatch (CPU), numerics (GPU).
+
+GPU tests compare every direction with a float64 reference on the same (rounded) inputs, on fresh
+random data, with the caching allocator's free memory poisoned with NaN before each op so that an
+unwritten output element cannot pass.
+"""
+import os
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from kernels import _build
+from models import layers
+
+gpu = pytest.mark.gpu
+TOL = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 1e-2}
+
+
+# ----------------------------------------------------------------------------- CPU-side behaviour
+
+def test_build_helpers_find_a_real_toolkit_or_explain():
+    home = _build.find_cuda_home()
+    if home is None:
+        assert "CUDA" in _build.no_toolkit_message()
+    else:
+        assert os.path.isfile(os.path.join(home, "bin", "nvcc"))
+        assert os.path.isfile(os.path.join(home, "include", "cuda_runtime.h"))
+    flags = _build.compile_flags()
+    assert "-O3" in flags["nvcc"] and "-O3" in flags["cxx"]
+    assert all(os.path.isfile(s) for s in _build.SOURCES)
+
+
+def test_fake_impls_give_output_shapes_and_layouts():
+    x = torch.empty(2, 3, 9, 11, device="meta")
+    w = torch.empty(3, 1, 5, 3, device="meta")
+    assert torch.ops.lknets.dwconv2d(x, w, None, 2, 1).shape == (2, 3, 9, 11)
+    assert torch.ops.lknets.dwconv2d(x, w, None, 0, 0).shape == (2, 3, 5, 9)
+    xl = x.to(memory_format=torch.channels_last)
+    assert torch.ops.lknets.dwconv2d(xl, w, None, 2, 1).is_contiguous(
+        memory_format=torch.channels_last)
+    dy = torch.empty(2, 3, 5, 9, device="meta")
+    assert torch.ops.lknets.dwconv2d_input_grad(dy, w, 0, 0).shape == (2, 3, 9, 11)
+    assert torch.ops.lknets.dwconv2d_weight_grad(x, dy, 5, 3, 0, 0).shape == (3, 1, 5, 3)
+
+
+def test_bad_arguments_raise_clear_errors():
+    x = torch.randn(1, 4, 8, 8)
+    with pytest.raises(ValueError, match=r"weight \(C, 1, kh, kw\)"):
+        kernels.depthwise_conv2d(x, torch.randn(3, 1, 3, 3))
+    with pytest.raises(TypeError, match="must match"):
+        kernels.depthwise_conv2d(x, torch.randn(4, 1, 3, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match="choose one of"):
+        layers.set_lk_impl("cutlass")
+
+
+def test_implicit_gemm_module_is_a_conv2d_drop_in():
+    m = kernels.DepthwiseConv2dImplicitGEMM(8, 13, bias=True)
+    assert list(m.state_dict()) == ["weight", "bias"]
+    assert m.weight.shape == (8, 1, 13, 13) and m.padding == (6, 6) and m.groups == 8
+    x = torch.randn(2, 8, 10, 10)
+    ref = F.conv2d(x, m.weight, m.bias, 1, 6, 1, 8)
+    torch.testing.assert_close(m(x), ref)
+
+
+def test_dispatch_uses_torch_on_cpu_and_honours_legacy_env(monkeypatch):
+    monkeypatch.setattr(layers, "_lk_impl", None)
+    monkeypatch.setenv("LARGE_KERNEL_CONV_IMPL", "/opt/cutlass/examples/19_large_depthwise_conv2d")
+    with pytest.warns(UserWarning, match="LARGE_KERNEL_CONV_IMPL"):
+        assert layers.get_lk_impl() == "cuda"
+    x, w = torch.randn(1, 3, 9, 9), torch.randn(3, 1, 7, 5)
+    # CPU inputs never reach the extension, whatever the choice.
+    torch.testing.assert_close(layers.depthwise_conv2d(x, w), F.conv2d(x, w, None, 1, (3, 2), 1, 3))
+    monkeypatch.setattr(layers, "_lk_impl", None)
+    monkeypatch.delenv("LARGE_KERNEL_CONV_IMPL")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert layers.get_lk_impl() == "auto"
+    layers.set_lk_impl("torch")
+    assert layers.get_lk_impl() == "torch"
+
+
+def test_importing_kernels_compiles_nothing():
+    assert not kernels.ops._state["loaded"] or kernels.is_built() or torch.cuda.is_available()
+
+
+# ------------------------------------------------------------------------------------ GPU numerics
+
+def _poison():
+    """Fill the allocator's cached free blocks with NaN, so outputs reusing them start poisoned."""
+    if torch.cuda.is_available():
+        junk = torch.full((16 * 1024 * 1024,), float("nan"), device="cuda")
+        del junk
+
+
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    a = a.double()
+    assert torch.isfinite(a).all(), "output has NaN/Inf (unwritten or overflowed)"
+    return ((a - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def _make(shape, dtype, layout, device="cuda"):
+    n, c, h, w = shape
+    if layout == "noncontig":
+        big = torch.randn(n, c, h + 3, w + 5, device=device, dtype=dtype)
+        return big[:, :, 1:h + 1, 2:w + 2]
+    t = torch.randn(shape, device=device, dtype=dtype)
+    return t.to(memory_format=torch.channels_last) if layout == "channels_last" else t
+
+
+def _reference(x, w, b, pad, dy):
+    xd = x.detach().double().requires_grad_()
+    wd = w.detach().double().requires_grad_()
+    bd = b.detach().double().requires_grad_() if b is not None else None
+    y = F.conv2d(xd, wd, bd, 1, pad, 1, x.shape[1])
+    grads = torch.autograd.grad(y, [xd, wd] + ([bd] if bd is not None else []), dy.double())
+    return y.detach(), grads
+
+
+def _check_all_directions(shape, k, dtype, layout, pad=None, bias=True):
+    kh, kw = k
+    pad = (kh // 2, kw // 2) if pad is None else pad
+    x = _make(shape, dtype, layout).requires_grad_()
+    w = (torch.randn(shape[1], 1, kh, kw, device="cuda") / (kh * kw) ** 0.5).to(dtype)
+    w.requires_grad_()
+    b = torch.randn(shape[1], device="cuda", dtype=dtype).requires_grad_() if bias else None
+    _poison()
+    y = kernels.depthwise_conv2d(x, w, b, pad)
+    dy = _make(tuple(y.shape), dtype, layout)
+    y_ref, g_ref = _reference(x, w, b, pad, dy)
+    assert y.dtype == dtype and y.shape == y_ref.shape
+    if layout == "channels_last":
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    _poison()
+    grads = torch.autograd.grad(y, [x, w] + ([b] if bias else []), dy)
+    assert grads[1].dtype == dtype
+    tol = TOL[dtype]
+    errs = [_rel(y, y_ref)] + [_rel(g, r) for g, r in zip(grads, g_ref)]
+    assert max(errs) < tol, f"rel errors (y, dx, dw[, db]) {errs} over {tol}"
+    return errs
+
+
+SHAPES = [
+    ((3, 7, 13, 13), (3, 3)),
+    ((3, 7, 13, 13), (13, 13)),
+    ((3, 7, 13, 13), (31, 31)),      # kernel larger than the image
+    ((2, 5, 57, 61), (31, 31)),
+    ((2, 5, 57, 61), (51, 5)),
+    ((2, 5, 57, 61), (5, 51)),
+    ((2, 6, 29, 31), (1, 31)),
+    ((2, 6, 29, 31), (31, 1)),
+    ((1, 3, 20, 17), (63, 63)),
+    ((2, 4, 11, 9), (4, 6)),         # even kernel: output one larger than the input
+    ((5, 16, 14, 14), (27, 27)),
+    ((4, 24, 7, 7), (13, 13)),
+    ((2, 8, 96, 70), (29, 29)),      # more than one tile per plane
+]
+
+
+@gpu
+@pytest.mark.parametrize("shape,k", SHAPES, ids=[f"{s}-{k[0]}x{k[1]}" for s, k in SHAPES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp32", "fp16", "bf16"])
+def test_all_directions_match_float64(shape, k, dtype):
+    torch.manual_seed(hash((shape, k)) % 1000)
+    _check_all_directions(shape, k, dtype, "nchw")
+
+
+@gpu
+@pytest.mark.parametrize("layout", ["channels_last", "noncontig"])
+@pytest.mark.parametrize("k", [(31, 31), (51, 5), (13, 13)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_layouts_match_float64(layout, k, dtype):
+    _check_all_directions((3, 7, 23, 19), k, dtype, layout)
+
+
+@gpu
+@pytest.mark.parametrize("pad", [(0, 0), (2, 7), (9, 9)])
+def test_explicit_padding(pad):
+    _check_all_directions((2, 5, 17, 15), (7, 7), torch.float32, "nchw", pad=pad, bias=False)
+
+
+@gpu
+def test_weight_grad_is_deterministic():
+    x = torch.randn(16, 32, 28, 28, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn_like(x)
+    first = torch.ops.lknets.dwconv2d_weight_grad(x, dy, 29, 29, 14, 14)
+    for _ in range(3):
+        assert torch.equal(torch.ops.lknets.dwconv2d_weight_grad(x, dy, 29, 29, 14, 14), first)
+
+
+@gpu
+def test_autocast_casts_to_the_autocast_dtype():
+    x = torch.randn(2, 8, 20, 20, device="cuda", requires_grad=True)
+    w = torch.randn(8, 1, 13, 13, device="cuda", requires_grad=True)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = kernels.depthwise_conv2d(x, w)
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert w.grad.dtype == torch.float32 and x.grad.dtype == torch.float32
+    y_ref = F.conv2d(x.detach().bfloat16().double(), w.detach().bfloat16().double(), None, 1, 6,
+                     1, 8)
+    assert _rel(y, y_ref) < 1e-2
+
+
+@gpu
+def test_torch_compile_has_no_graph_break():
+    conv = layers.DepthwiseConv2d(8, 31, bias=True).cuda()
+    layers.set_lk_impl("cuda")
+    try:
+        def step(x):
+            return (conv(x) * 2).sum()
+
+        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+        x = torch.randn(2, 8, 24, 24, device="cuda", requires_grad=True)
+        loss = compiled(x)
+        loss.backward()
+        gx = x.grad.clone()
+        x.grad = None
+        step(x).backward()
+        torch.testing.assert_close(gx, x.grad)
+    finally:
+        layers.set_lk_impl("auto")
+
+
+@gpu
+def test_cuda_graph_capture_and_replay():
+    conv = kernels.DepthwiseConv2dImplicitGEMM(16, 31, bias=True).cuda()
+    static_x = torch.randn(4, 16, 28, 28, device="cuda", requires_grad=True)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            conv(static_x).sum().backward()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    conv.zero_grad(set_to_none=False)
+    with torch.cuda.graph(graph):
+        static_y = conv(static_x)
+        static_y.sum().backward()
+    new_x = torch.randn_like(static_x)
+    static_x.data.copy_(new_x)
+    conv.weight.grad.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    ref = F.conv2d(new_x, conv.weight, conv.bias, 1, 15, 1, 16)
+    torch.testing.assert_close(static_y, ref, rtol=1e-4, atol=1e-4)
+
+
+def _model_case(name, size):
+    from models import create_model
+    torch.manual_seed(0)
+    model = create_model(name).cuda().train()
+    x = torch.randn(2, 3, size, size, device="cuda")
+    results = {}
+    for impl in ("torch", "cuda"):
+        layers.set_lk_impl(impl)
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        out = model(x)
+        out.float().pow(2).mean().backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        results[impl] = (out.detach(), grads)
+    layers.set_lk_impl("auto")
+    (y_t, g_t), (y_c, g_c) = results["torch"], results["cuda"]
+    assert _rel(y_c, y_t.double()) < 1e-4
+    assert set(g_t) == set(g_c)
+    # All gradients as one vector: parameters whose true gradient is 0 (a bias before a BN) hold
+    # only rounding noise, so they are compared at the scale of the whole gradient.
+    flat_t = torch.cat([g_t[n].double().flatten() for n in sorted(g_t)])
+    flat_c = torch.cat([g_c[n].double().flatten() for n in sorted(g_t)])
+    assert _rel(flat_c, flat_t) < 1e-3
+    large = [n for n in g_t if g_t[n].dim() == 4 and g_t[n].shape[1] == 1 and
+             g_t[n].shape[-1] * g_t[n].shape[-2] >= 49]
+    assert large, "the model has no large depthwise kernel"
+    for n in large:
+        assert _rel(g_c[n], g_t[n].double()) < 1e-3, n
+
+
+@gpu
+@pytest.mark.parametrize("name", ["RepLKNet-31B", "unireplknet_t", "SLaK_tiny"])
+def test_whole_model_matches_torch_path(name):
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    _model_case(name, 224)
