@@ -80,7 +80,7 @@ def depthwise_conv_from(kernel: torch.Tensor, bias: torch.Tensor) -> DepthwiseCo
 
 
 def linear_from(weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
-    """A biased nn.Linear holding ``weight`` (out, in) and ``bias`` (out,), on their device/dtype."""
+    """A biased nn.Linear holding ``weight`` (out, in) and ``bias`` (out,), on their device."""
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=True, device=weight.device,
                        dtype=weight.dtype)
     with torch.no_grad():

@@ -74,7 +74,7 @@ class GRN(nn.Module):
 
 
 class SEBlock(nn.Module):
-    """Squeeze-and-excitation on NCHW input: global pool -> 1x1 down -> ReLU -> 1x1 up -> sigmoid."""
+    """Squeeze-and-excitation (NCHW): global pool -> 1x1 down -> ReLU -> 1x1 up -> sigmoid gate."""
 
     def __init__(self, channels: int, hidden: int) -> None:
         super().__init__()

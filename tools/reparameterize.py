@@ -1,7 +1,7 @@
 """Convert a training-form checkpoint into a deploy (re-parameterized) checkpoint.
 
-    python tools/reparameterize.py --model unireplknet_b --src unireplknet_b_in22k_to_in1k_384_acc87.40.pth \
-        --dst unireplknet_b_deploy.pth
+    python tools/reparameterize.py --model unireplknet_b \
+        --src unireplknet_b_in22k_to_in1k_384_acc87.40.pth --dst unireplknet_b_deploy.pth
 
 The source may be one of our checkpoints, an upstream release ({'model': ...}, {'model_ema': ...},
 {'state_dict': ...} or a raw state dict; 'module.' prefixes are stripped). The weights must fit
