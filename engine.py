@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, Dict, Iterable, Optional
+from typing import Dict, Iterable, Optional
 
 import numpy as np
 import torch
 from timm.data import Mixup
 
 import utils
+from sparse import Masking
 
 
 def autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
@@ -28,11 +29,12 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
                     wd_schedule_values: Optional[np.ndarray] = None,
                     num_training_steps_per_epoch: int = 0, update_freq: int = 1,
                     amp_dtype: Optional[torch.dtype] = None, print_freq: int = 10,
-                    after_update: Optional[Callable[[], None]] = None) -> Dict[str, float]:
+                    masking: Optional[Masking] = None) -> Dict[str, float]:
     """One pass over ``data_loader`` with gradient accumulation over ``update_freq`` micro-batches.
 
-    lr and weight decay follow the per-update schedules (lr times each group's ``lr_scale``);
-    ``after_update`` runs after every optimizer update (e.g. sparse-mask maintenance).
+    lr and weight decay follow the per-update schedules (lr times each group's ``lr_scale``).
+    With ``masking`` (SLaK sparse training) the masks are re-applied, and every ``-u`` updates
+    pruned and regrown, after each optimizer update, whether or not AMP made it.
     """
     model.train(True)
     metric_logger = utils.MetricLogger()
@@ -74,11 +76,13 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
         grad_norm = loss_scaler(loss / update_freq, optimizer, clip_grad=max_norm,
                                 parameters=params, update_grad=update_grad)
         if update_grad:
-            optimizer.zero_grad()
-            if after_update is not None:
-                after_update()
+            if masking is not None and masking.step():
+                print(masking.density_report())
+            optimizer.zero_grad()  # after masking.step(): gradient growth reads the gradients
             if model_ema is not None:
                 model_ema.update(model)
+                if masking is not None:
+                    masking.update_ema(model_ema.module)
 
         if device.type == "cuda":
             torch.cuda.synchronize()

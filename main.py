@@ -24,6 +24,7 @@ import utils
 from datasets import DATA_SETS, build_dataset
 from engine import evaluate, train_one_epoch
 from optim_factory import create_optimizer
+from sparse import Masking, add_sparse_args
 from utils import UserError, str2bool
 
 AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -170,6 +171,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="autocast dtype with --use_amp (bfloat16 needs no loss scaling)")
 
     models.add_family_args(parser)
+    add_sparse_args(parser)
     return parser
 
 
@@ -299,12 +301,31 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
 
     optimizer = create_optimizer(args, model_without_ddp)
     loss_scaler = utils.LossScaler(enabled=amp_dtype == torch.float16, device_type=device.type)
-    utils.auto_load_model(args, model_without_ddp, optimizer, loss_scaler, model_ema)
+    checkpoint = utils.auto_load_model(args, model_without_ddp, optimizer, loss_scaler, model_ema)
 
     if args.eval:
         return run_eval(args, model, model_without_ddp, model_ema, val_loader, device, amp_dtype)
+    masking = build_masking(args, model_without_ddp, optimizer, loss_scaler, train_loader,
+                            checkpoint) if args.sparse else None
     return train(args, model, model_without_ddp, model_ema, optimizer, loss_scaler, train_loader,
-                 val_loader, mixup_fn, device, amp_dtype, n_parameters)
+                 val_loader, mixup_fn, device, amp_dtype, n_parameters, masking)
+
+
+def build_masking(args, model_without_ddp, optimizer, loss_scaler, train_loader,
+                  checkpoint: Optional[Dict[str, Any]]) -> Masking:
+    """SLaK sparse masks: restored from the resumed checkpoint, else drawn by --sparse_init."""
+    try:
+        masking = Masking(model_without_ddp, optimizer, args, len(train_loader) // args.update_freq,
+                          args.start_epoch, grad_scaler=loss_scaler)
+        if checkpoint is not None and "masks" in checkpoint:
+            masking.load_state_dict(checkpoint["masks"])
+            print(f"Restored {len(checkpoint['masks'])} sparse masks from {checkpoint['_path']}")
+        else:
+            masking.init(train_loader)
+    except (ValueError, KeyError) as err:
+        raise UserError(f"--sparse: {err}") from err
+    print(masking.density_report(per_layer=args.verbose))
+    return masking
 
 
 def run_eval(args, model, model_without_ddp, model_ema, val_loader, device, amp_dtype):
@@ -323,7 +344,7 @@ def run_eval(args, model, model_without_ddp, model_ema, val_loader, device, amp_
 
 
 def train(args, model, model_without_ddp, model_ema, optimizer, loss_scaler, train_loader,
-          val_loader, mixup_fn, device, amp_dtype, n_parameters):
+          val_loader, mixup_fn, device, amp_dtype, n_parameters, masking=None):
     world_size = utils.get_world_size()
     total_batch = args.batch_size * args.update_freq * world_size
     steps_per_epoch = len(train_loader) // args.update_freq
@@ -370,13 +391,18 @@ def train(args, model, model_without_ddp, model_ema, optimizer, loss_scaler, tra
             args.clip_grad, model_ema, mixup_fn, log_writer=log_writer,
             start_steps=epoch * steps_per_epoch, lr_schedule_values=lr_schedule,
             wd_schedule_values=wd_schedule, num_training_steps_per_epoch=steps_per_epoch,
-            update_freq=args.update_freq, amp_dtype=amp_dtype)
+            update_freq=args.update_freq, amp_dtype=amp_dtype, masking=masking)
+        extra = {"masks": masking.state_dict()} if masking is not None else None
         last_epoch = epoch + 1 == args.epochs
         if args.output_dir and args.save_ckpt and ((epoch + 1) % args.save_ckpt_freq == 0
                                                    or last_epoch):
-            utils.save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, model_ema)
+            utils.save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, model_ema,
+                             extra)
 
         stats = {**{f"train_{k}": v for k, v in train_stats.items()}}
+        if masking is not None:
+            stats["sparse_density"] = masking.densities()["total"]
+            print(masking.density_report(per_layer=args.verbose))
         if val_loader is not None:
             test_stats = evaluate(val_loader, model, device, amp_dtype)
             print(f"Accuracy of the model on the test images: {test_stats['acc1']:.1f}%")
@@ -384,7 +410,7 @@ def train(args, model, model_without_ddp, model_ema, optimizer, loss_scaler, tra
                 max_accuracy = test_stats["acc1"]
                 if args.output_dir and args.save_ckpt:
                     utils.save_model(args, "best", model_without_ddp, optimizer, loss_scaler,
-                                     model_ema)
+                                     model_ema, extra)
             print(f"Max accuracy: {max_accuracy:.2f}%")
             stats.update({f"test_{k}": v for k, v in test_stats.items()})
             if log_writer is not None:
@@ -397,7 +423,7 @@ def train(args, model, model_without_ddp, model_ema, optimizer, loss_scaler, tra
                     max_accuracy_ema = ema_stats["acc1"]
                     if args.output_dir and args.save_ckpt:
                         utils.save_model(args, "best-ema", model_without_ddp, optimizer,
-                                         loss_scaler, model_ema)
+                                         loss_scaler, model_ema, extra)
                 print(f"Max EMA accuracy: {max_accuracy_ema:.2f}%")
                 stats.update({f"test_{k}_ema": v for k, v in ema_stats.items()})
                 if log_writer is not None:

@@ -319,11 +319,12 @@ class Masking:
 
     # ------------------------------------------------------------------ report
     def densities(self) -> Dict[str, float]:
-        """Density of each sparsified parameter and ``'total'`` over all of them."""
+        """Density of each masked parameter, and ``'total'`` over every sparsifiable parameter
+        (layers left dense after init count as fully active, so it matches ``1 - --sparsity``)."""
         report = {name: mask.float().mean().item() for name, mask in self.masks.items()}
-        active = sum(int(m.sum()) for m in self.masks.values())
-        size = sum(m.numel() for m in self.masks.values())
-        report["total"] = active / size if size else 1.0
+        active = sum(int(self.masks[n].sum()) if n in self.masks else p.numel()
+                     for n, p in self.params.items())
+        report["total"] = active / sum(p.numel() for p in self.params.values())
         return report
 
     def density_report(self, per_layer: bool = False) -> str:
