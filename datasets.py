@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import gzip
 import os
-from typing import Callable, List, Optional, Sequence, Tuple
+import random
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import numpy as np
+import torch
 from PIL import Image
 from timm.data import create_transform
 from timm.data.constants import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD,
@@ -148,6 +150,40 @@ def stratified_indices(targets: Sequence[int], count: int) -> List[int]:
                 chosen.append(queue[depth])
         depth += 1
     return sorted(chosen)
+
+
+class EpochSeededDataset(Dataset):
+    """Seeds the augmentation of each sample from (seed, epoch, index).
+
+    A sample then gets the same random crop/flip/jitter whichever process, worker or batch loads
+    it, so runs on different numbers of GPUs see the same data, and a resumed run replays the
+    epoch it restarts. Call :meth:`set_epoch` before each epoch (loaders re-created per epoch,
+    i.e. non-persistent workers, pick it up).
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        sample_seed = ((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index) % 2**63
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed)
+            random.seed(sample_seed)
+            np.random.seed(sample_seed % 2**32)
+            try:
+                return self.dataset[index]
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
 
 
 def build_transform(is_train: bool, args: argparse.Namespace) -> Callable:

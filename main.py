@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 import models
 import utils
-from datasets import DATA_SETS, build_dataset
+from datasets import DATA_SETS, EpochSeededDataset, build_dataset
 from engine import evaluate, train_one_epoch
 from optim_factory import create_optimizer
 from sparse import Masking, add_sparse_args
@@ -160,6 +160,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     # Distributed
     parser.add_argument("--world_size", default=1, type=int, help="number of distributed processes")
+    parser.add_argument("--use_sync_bn", type=str2bool, default=None,
+                        help="SyncBatchNorm across processes (default: the family's upstream "
+                             "choice: on for RepLKNet and SLaK, off otherwise)")
     parser.add_argument("--local_rank", "--local-rank", default=-1, type=int)
     parser.add_argument("--dist_on_itp", type=str2bool, default=False)
     parser.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
@@ -231,6 +234,7 @@ def build_loaders(args: argparse.Namespace):
     nb_classes = None
     if not args.eval:
         dataset_train, nb_classes = build_dataset(is_train=True, args=args)
+        dataset_train = EpochSeededDataset(dataset_train, args.seed)
         # A DistributedSampler also on one process: its set_epoch(e) gives a resumable order.
         sampler = DistributedSampler(dataset_train, num_replicas=world_size, rank=rank,
                                      shuffle=True, seed=args.seed)
@@ -293,6 +297,13 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
         print(f"Using EMA with decay = {args.model_ema_decay:.8f}")
     model_without_ddp = model
     if args.distributed:
+        sync_bn = args.use_sync_bn
+        if sync_bn is None:
+            sync_bn = models.get_family(args.model).sync_bn
+        if sync_bn:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            model_without_ddp = model
+            print("Using SyncBatchNorm")
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[args.gpu] if device.type == "cuda" else None)
         model_without_ddp = model.module
@@ -384,6 +395,7 @@ def train(args, model, model_without_ddp, model_ema, optimizer, loss_scaler, tra
     for epoch in range(args.start_epoch, args.epochs):
         utils.seed_everything(utils.epoch_seed(args.seed, epoch))
         train_loader.sampler.set_epoch(epoch)
+        train_loader.dataset.set_epoch(epoch)
         if log_writer is not None:
             log_writer.set_step(epoch * steps_per_epoch)
         train_stats = train_one_epoch(

@@ -93,12 +93,24 @@ def init_distributed_mode(args: argparse.Namespace) -> None:
     """Join the process group the launcher describes; sets args.distributed/rank/world_size/gpu."""
     found = _distributed_env(args)
     if found is None:
+        if args.world_size != 1:
+            raise UserError(f"--world_size {args.world_size} but no launcher started this "
+                            "process; run it with torchrun --nproc_per_node=N (or "
+                            "torch.distributed.launch, SLURM) and leave --world_size out")
         args.distributed, args.rank, args.world_size, args.gpu = False, 0, 1, 0
         return
-    args.rank, args.world_size, args.gpu = found
+    rank, world_size, args.gpu = found
+    if args.world_size not in (1, world_size):
+        raise UserError(f"--world_size {args.world_size} does not match the {world_size} "
+                        "processes the launcher started")
+    args.rank, args.world_size = rank, world_size
     args.distributed = True
     use_cuda = str(args.device).startswith("cuda")
     if use_cuda:
+        if args.gpu >= torch.cuda.device_count():
+            raise UserError(f"local rank {args.gpu} needs GPU {args.gpu} but only "
+                            f"{torch.cuda.device_count()} are visible; start at most that many "
+                            "processes per node")
         torch.cuda.set_device(args.gpu)
     backend = "nccl" if use_cuda else "gloo"
     print(f"| distributed init (rank {args.rank} of {args.world_size}, {backend}): "
