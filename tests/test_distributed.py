@@ -82,3 +82,40 @@ def test_world_size_mismatch_with_the_launcher(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "--world_size 4 does not match the 1 processes the launcher started" in proc.stderr
+
+
+def _sparse_rank(rank, world_size, init_file, out_dir):
+    """One rank of a sparse run whose random draws differ per rank (seeded by rank)."""
+    import argparse
+
+    import torch.distributed as dist
+
+    import models
+    from sparse import Masking
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world_size)
+    torch.manual_seed(rank)
+    model = models.create_model("convnext_atto", num_classes=10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    args = argparse.Namespace(sparsity=0.5, sparse_init="uniform", prune_rate=0.3,
+                              growth="random", update_frequency=1, fix=False, verbose=False,
+                              epochs=1, only_L=False)
+    masking = Masking(model, optimizer, args, steps_per_epoch=3)
+    masking.init()
+    for _ in range(3):
+        model(torch.randn(2, 3, 32, 32)).sum().backward()
+        optimizer.step()
+        masking.step()
+        optimizer.zero_grad()
+    torch.save(masking.state_dict(), os.path.join(out_dir, f"masks-{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_sparse_masks_are_identical_across_ranks(tmp_path):
+    torch.multiprocessing.spawn(_sparse_rank, args=(2, str(tmp_path / "init"), str(tmp_path)),
+                                nprocs=2)
+    first, second = (torch.load(tmp_path / f"masks-{r}.pt") for r in (0, 1))
+    assert first.keys() == second.keys() and len(first) > 10
+    for name in first:
+        assert torch.equal(first[name], second[name]), name
