@@ -6,7 +6,6 @@ import builtins
 import datetime
 import glob
 import json
-import math
 import os
 import random
 import re

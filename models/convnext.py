@@ -5,7 +5,7 @@ stem/downsample layout and the ConvNeXt layer-id rule live here.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -16,12 +16,20 @@ from .registry import Family, create_model, register_family, register_model
 
 
 class ConvNeXtBlock(nn.Module):
-    """dwconv 7x7 -> LN -> Linear(4C) -> GELU -> Linear(C) -> layer scale, plus residual."""
+    """token mixer -> LN -> Linear(4C) -> GELU -> Linear(C) -> layer scale, plus residual.
+
+    The mixer is ConvNeXt's 7x7 depthwise conv (``dwconv``); families that swap it (SLaK's
+    ``large_kernel``) subclass with their own ``mixer_name`` and pass ``mixer``. It is registered
+    first, as upstream, so the parameter order (which optimizer states follow) matches.
+    """
+
+    mixer_name = "dwconv"
 
     def __init__(self, dim: int, drop_path: float = 0.0, layer_scale_init_value: float = 1e-6,
-                 kernel_size: int = 7) -> None:
+                 mixer: Optional[nn.Module] = None) -> None:
         super().__init__()
-        self.dwconv = DepthwiseConv2d(dim, kernel_size, bias=True)
+        self.add_module(self.mixer_name,
+                        mixer if mixer is not None else DepthwiseConv2d(dim, 7, bias=True))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.pwconv1 = nn.Linear(dim, 4 * dim)
         self.act = nn.GELU()
@@ -32,7 +40,7 @@ class ConvNeXtBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
-        x = self.dwconv(x).permute(0, 2, 3, 1)
+        x = self._modules[self.mixer_name](x).permute(0, 2, 3, 1)
         x = self.pwconv2(self.act(self.pwconv1(self.norm(x))))
         if self.gamma is not None:
             x = self.gamma * x
@@ -47,14 +55,29 @@ def convnext_downsample(in_dim: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(LayerNorm2d(in_dim), nn.Conv2d(in_dim, out_dim, kernel_size=2, stride=2))
 
 
+# (stage index, block index in the stage, width, drop-path rate) -> block
+BlockFn = Callable[[int, int, int, float], nn.Module]
+
+
 class ConvNeXt(nn.Module):
+    """Stem, 4 stages with downsampling between them, global pool + LN + linear head.
+
+    ``block_fn`` and ``stem`` let other families (SLaK, oriented 1D) reuse this skeleton; the
+    defaults give facebookresearch's ConvNeXt.
+    """
+
     def __init__(self, in_chans: int = 3, num_classes: int = 1000,
                  depths: Sequence[int] = (3, 3, 9, 3), dims: Sequence[int] = (96, 192, 384, 768),
                  drop_path_rate: float = 0.0, layer_scale_init_value: float = 1e-6,
-                 head_init_scale: float = 1.0, use_checkpoint: bool = False) -> None:
+                 head_init_scale: float = 1.0, use_checkpoint: bool = False,
+                 block_fn: Optional[BlockFn] = None, stem: Optional[nn.Module] = None) -> None:
         super().__init__()
+        if block_fn is None:
+            def block_fn(stage: int, index: int, dim: int, drop_path: float) -> nn.Module:
+                return ConvNeXtBlock(dim, drop_path, layer_scale_init_value)
         self.use_checkpoint = use_checkpoint
-        self.downsample_layers = nn.ModuleList([convnext_stem(in_chans, dims[0])])
+        self.downsample_layers = nn.ModuleList(
+            [stem if stem is not None else convnext_stem(in_chans, dims[0])])
         self.downsample_layers.extend(
             convnext_downsample(dims[i], dims[i + 1]) for i in range(len(dims) - 1))
         rates = drop_path_rates(drop_path_rate, sum(depths))
@@ -62,8 +85,7 @@ class ConvNeXt(nn.Module):
         for i, depth in enumerate(depths):
             start = sum(depths[:i])
             self.stages.append(nn.Sequential(*[
-                ConvNeXtBlock(dims[i], rates[start + j], layer_scale_init_value)
-                for j in range(depth)]))
+                block_fn(i, j, dims[i], rates[start + j]) for j in range(depth)]))
         self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
         self.head = nn.Linear(dims[-1], num_classes)
 

@@ -21,8 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .convnext import (ConvNeXt, _init_weights, convnext_downsample, convnext_layer_id,
-                       convnext_stem)
+from .convnext import ConvNeXt, convnext_layer_id
 from .layers import DepthwiseConv2d, DropPath
 from .oriented_conv import OrientedConv1d, channel_angles
 from .registry import Family, register_family, register_model
@@ -107,42 +106,27 @@ class OrientedBlock(nn.Module):
         return shortcut + self.drop_path(x.permute(0, 3, 1, 2))
 
 
-class ConvNeXt1D(nn.Module):
-    """ConvNeXt skeleton (downsampling, head, layer-id rule) with oriented-1D blocks and stem."""
-
-    forward_features = ConvNeXt.forward_features
-    forward = ConvNeXt.forward
+class ConvNeXt1D(ConvNeXt):
+    """The ConvNeXt skeleton (downsampling, head, layer-id rule) with oriented-1D blocks and stem."""
 
     def __init__(self, variant: str = "1d", in_chans: int = 3, num_classes: int = 1000,
                  depths: Sequence[int] = (3, 3, 9, 3), dims: Sequence[int] = (96, 192, 384, 768),
                  drop_path_rate: float = 0.0, layer_scale_init_value: float = 1e-6,
                  head_init_scale: float = 1.0, use_checkpoint: bool = False) -> None:
-        super().__init__()
         if variant not in BLOCK_KERNELS:
             raise ValueError(f"ConvNeXt1D variant must be one of {sorted(BLOCK_KERNELS)} "
                              f"(2d is models.convnext.ConvNeXt), got {variant!r}")
-        self.variant = variant
-        self.use_checkpoint = use_checkpoint
         stem = (Stem1D(in_chans, STEM_DIM, dims[0], STEM_KERNELS[variant])
-                if variant in STEM_KERNELS else convnext_stem(in_chans, dims[0]))
-        self.downsample_layers = nn.ModuleList([stem])
-        self.downsample_layers.extend(
-            convnext_downsample(dims[i], dims[i + 1]) for i in range(len(dims) - 1))
-        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
-        self.stages = nn.ModuleList()
-        for i, depth in enumerate(depths):
-            start = sum(depths[:i])
-            self.stages.append(nn.Sequential(*[
-                OrientedBlock(dims[i], variant, BLOCK_KERNELS[variant], layer_offset(j),
-                              rates[start + j], layer_scale_init_value)
-                for j in range(depth)]))
-        self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
-        self.head = nn.Linear(dims[-1], num_classes)
+                if variant in STEM_KERNELS else None)
 
-        self.apply(_init_weights)
-        with torch.no_grad():
-            self.head.weight.mul_(head_init_scale)
-            self.head.bias.mul_(head_init_scale)
+        def block(stage: int, index: int, dim: int, drop_path: float) -> OrientedBlock:
+            return OrientedBlock(dim, variant, BLOCK_KERNELS[variant], layer_offset(index),
+                                 drop_path, layer_scale_init_value)
+
+        super().__init__(in_chans, num_classes, depths, dims, drop_path_rate,
+                         layer_scale_init_value, head_init_scale, use_checkpoint,
+                         block_fn=block, stem=stem)
+        self.variant = variant
 
 
 register_family(Family(name="convnext_1d", layer_id_for=convnext_layer_id))

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
-from .layers import DepthwiseConv2d, DropPath
+from .layers import DepthwiseConv2d, DropPath, drop_path_rates
 from .registry import Family, register_family, register_model
 from .reparam import ConvBN, depthwise_conv_from, merge_kernels
 
@@ -183,7 +183,7 @@ class RepLKNet(nn.Module):
             ConvBN(width, width, 1, relu=True, norm_layer=norm_layer),
             ConvBN(width, width, 3, stride=2, groups=width, relu=True, norm_layer=norm_layer)])
 
-        rates = torch.linspace(0, drop_path_rate, sum(layers), device="cpu").tolist()
+        rates = drop_path_rates(drop_path_rate, sum(layers))
         self.stages = nn.ModuleList()
         self.transitions = nn.ModuleList()
         for i, depth in enumerate(layers):

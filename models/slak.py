@@ -18,8 +18,8 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from .convnext import ConvNeXt, _init_weights, convnext_downsample, convnext_layer_id, convnext_stem
-from .layers import DepthwiseConv2d, DropPath
+from .convnext import ConvNeXt, ConvNeXtBlock, convnext_layer_id
+from .layers import DepthwiseConv2d
 from .registry import Family, register_family, register_model
 from .reparam import ConvBN, merge_kernels, pad_kernel_to
 
@@ -95,34 +95,17 @@ class LargeKernelConv(nn.Module):
         self.lkb_reparam = reparam
 
 
-class SLaKBlock(nn.Module):
-    """large_kernel -> LN -> Linear(4C) -> GELU -> Linear(C) -> layer scale, plus residual.
+class SLaKBlock(ConvNeXtBlock):
+    """ConvNeXt's block with SLaK's large-kernel mixer (``large_kernel``) for the 7x7 dwconv."""
 
-    ConvNeXt's block with its 7x7 dwconv replaced; registration order follows upstream so the
-    parameter order (which optimizer state_dicts rely on) matches SLaK's checkpoints.
-    """
+    mixer_name = "large_kernel"
 
     def __init__(self, dim: int, drop_path: float = 0.0, layer_scale_init_value: float = 1e-6,
                  kernel_size: Sequence[int] = (7, 7), Decom: bool = False, bn: bool = True,
                  sync_bn: bool = False) -> None:
-        super().__init__()
-        self.large_kernel = LargeKernelConv(dim, kernel_size[0], kernel_size[1], Decom, bn,
-                                            sync_bn)
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.pwconv1 = nn.Linear(dim, 4 * dim)
-        self.act = nn.GELU()
-        self.pwconv2 = nn.Linear(4 * dim, dim)
-        self.gamma = (nn.Parameter(layer_scale_init_value * torch.ones(dim))
-                      if layer_scale_init_value > 0 else None)
-        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shortcut = x
-        x = self.large_kernel(x).permute(0, 2, 3, 1)
-        x = self.pwconv2(self.act(self.pwconv1(self.norm(x))))
-        if self.gamma is not None:
-            x = self.gamma * x
-        return shortcut + self.drop_path(x.permute(0, 3, 1, 2))
+        super().__init__(dim, drop_path, layer_scale_init_value,
+                         mixer=LargeKernelConv(dim, kernel_size[0], kernel_size[1], Decom, bn,
+                                               sync_bn))
 
 
 def _check_kernel_size(kernel_size: Sequence[int], Decom: bool) -> list:
@@ -136,14 +119,11 @@ def _check_kernel_size(kernel_size: Sequence[int], Decom: bool) -> list:
     return sizes
 
 
-class SLaK(nn.Module):
-    """ConvNeXt skeleton (stem, downsampling, head, layer-id rule) with SLaK blocks.
+class SLaK(ConvNeXt):
+    """The ConvNeXt skeleton (stem, downsampling, head, layer-id rule) with SLaK blocks.
 
     ``width_factor`` scales every stage width as upstream: ``dims = [int(d * width_factor)]``.
     """
-
-    forward_features = ConvNeXt.forward_features
-    forward = ConvNeXt.forward
 
     def __init__(self, in_chans: int = 3, num_classes: int = 1000,
                  depths: Sequence[int] = (3, 3, 9, 3), dims: Sequence[int] = (96, 192, 384, 768),
@@ -151,28 +131,16 @@ class SLaK(nn.Module):
                  head_init_scale: float = 1.0, kernel_size: Sequence[int] = DEFAULT_KERNEL_SIZE,
                  width_factor: float = 1.0, Decom: Optional[bool] = False, bn: bool = True,
                  sync_bn: bool = False, use_checkpoint: bool = False) -> None:
-        super().__init__()
-        self.kernel_size = _check_kernel_size(kernel_size, bool(Decom))
-        self.use_checkpoint = use_checkpoint
-        dims = [int(d * width_factor) for d in dims]
-        self.downsample_layers = nn.ModuleList([convnext_stem(in_chans, dims[0])])
-        self.downsample_layers.extend(
-            convnext_downsample(dims[i], dims[i + 1]) for i in range(len(dims) - 1))
-        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
-        self.stages = nn.ModuleList()
-        for i, depth in enumerate(depths):
-            start = sum(depths[:i])
-            self.stages.append(nn.Sequential(*[
-                SLaKBlock(dims[i], rates[start + j], layer_scale_init_value,
-                          (self.kernel_size[i], self.kernel_size[-1]), bool(Decom), bn, sync_bn)
-                for j in range(depth)]))
-        self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
-        self.head = nn.Linear(dims[-1], num_classes)
+        sizes = _check_kernel_size(kernel_size, bool(Decom))
 
-        self.apply(_init_weights)
-        with torch.no_grad():
-            self.head.weight.mul_(head_init_scale)
-            self.head.bias.mul_(head_init_scale)
+        def block(stage: int, index: int, dim: int, drop_path: float) -> SLaKBlock:
+            return SLaKBlock(dim, drop_path, layer_scale_init_value, (sizes[stage], sizes[-1]),
+                             bool(Decom), bn, sync_bn)
+
+        super().__init__(in_chans, num_classes, depths, [int(d * width_factor) for d in dims],
+                         drop_path_rate, layer_scale_init_value, head_init_scale, use_checkpoint,
+                         block_fn=block)
+        self.kernel_size = sizes
 
 
 def add_slak_args(parser: argparse.ArgumentParser) -> None:

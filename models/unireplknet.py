@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .convnext import _init_weights, convnext_layer_id
-from .layers import DepthwiseConv2d, DropPath, LayerNorm2d
+from .layers import DepthwiseConv2d, DropPath, LayerNorm2d, drop_path_rates
 from .registry import Family, register_family, register_model
 from .reparam import depthwise_conv_from, fuse_bn, linear_from, merge_kernels
 
@@ -272,7 +272,7 @@ class UniRepLKNet(nn.Module):
                 nn.Conv2d(dims[i], dims[i + 1], kernel_size=3, stride=2, padding=1),
                 LayerNorm2d(dims[i + 1])))
 
-        rates = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
+        rates = drop_path_rates(drop_path_rate, sum(depths))
         self.stages = nn.ModuleList()
         for i, depth in enumerate(depths):
             start = sum(depths[:i])
