@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from typing import Dict, Iterable, Optional
 
 import numpy as np
@@ -44,12 +45,19 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
     optimizer.zero_grad()
     params = [p for p in model.parameters() if p.requires_grad]
     total = num_training_steps_per_epoch * update_freq
+    # Throughput is timed after a few warm-up iterations (cudnn autotuning, allocator growth).
+    timed_from = min(5, total // 2)
+    timed_start, timed_images = None, 0
 
     for data_iter_step, (samples, targets) in enumerate(
             metric_logger.log_every(data_loader, print_freq, header, total=total)):
         step = data_iter_step // update_freq
         if step >= num_training_steps_per_epoch:
             break
+        if data_iter_step == timed_from:
+            timed_start = time.perf_counter()
+        if timed_start is not None:
+            timed_images += samples.shape[0]
         it = start_steps + step
         if data_iter_step % update_freq == 0:
             for group in optimizer.param_groups:
@@ -102,7 +110,13 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
 
     metric_logger.synchronize_between_processes()
     print("Averaged stats:", metric_logger)
-    return {name: meter.global_avg for name, meter in metric_logger.meters.items()}
+    stats = {name: meter.global_avg for name, meter in metric_logger.meters.items()}
+    if timed_start is not None and timed_images > 0:
+        # All processes run in lockstep under DDP, so one process's rate times their number.
+        rate = timed_images * utils.get_world_size() / (time.perf_counter() - timed_start)
+        stats["images_per_sec"] = rate
+        print(f"Training throughput: {rate:.1f} images/s")
+    return stats
 
 
 @torch.no_grad()
