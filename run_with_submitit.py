@@ -60,9 +60,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                      help="memory per node in GB (default: 40 x --ngpus)")
     job.add_argument("--cpus_per_task", default=10, type=int, help="CPU cores per process")
     job.add_argument("--cluster", default=None, choices=CLUSTERS,
-                     help="slurm (default where sbatch is on PATH); local: the same job on this "
-                          "machine, one process per --ngpus; debug: one process in this "
-                          "interpreter, with pdb on errors")
+                     help="slurm (default where sbatch and srun are on PATH); local: the same "
+                          "job on this machine, one process per --ngpus; debug: one process in "
+                          "this interpreter, with pdb on errors")
     return parser
 
 
@@ -96,8 +96,8 @@ class Trainer:
         epochs = utils.checkpoint_epochs(args.output_dir) if args.output_dir else []
         if epochs:
             args.resume = os.path.join(args.output_dir, f"checkpoint-{epochs[0]}.pth")
-        print(f"Requeuing the job; it resumes from {args.resume or 'the start (no checkpoint yet)'}",
-              flush=True)
+        source = args.resume or "the start (no checkpoint yet)"
+        print(f"Requeuing the job; it resumes from {source}", flush=True)
         return submitit.helpers.DelayedSubmission(type(self)(args))
 
 
@@ -110,8 +110,8 @@ def default_job_dir() -> str:
 
 
 def resolve_cluster(requested: Optional[str]) -> str:
-    if requested in (None, "slurm") and shutil.which("sbatch") is None:
-        raise UserError("SLURM was not found (no sbatch on PATH); "
+    if requested in (None, "slurm") and not (shutil.which("sbatch") and shutil.which("srun")):
+        raise UserError("SLURM was not found (no sbatch/srun on PATH); "
                         "--cluster local runs the job on this machine")
     return requested or "slurm"
 
