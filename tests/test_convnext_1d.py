@@ -10,6 +10,7 @@ import torch
 import models
 from models.convnext import ConvNeXt
 from models.convnext_1d import ConvNeXt1D
+from tools.count import count as count_flops
 
 SNAPSHOTS = os.path.join(os.path.dirname(__file__), "snapshots")
 VARIANTS = ("2d", "1d", "1dpp", "2dpp")
@@ -17,6 +18,12 @@ VARIANTS = ("2d", "1d", "1dpp", "2dpp")
 PARAMS_M = {("tiny", "2d"): 28.59, ("tiny", "1d"): 28.48, ("tiny", "1dpp"): 29.25,
             ("tiny", "2dpp"): 29.46, ("base", "2d"): 88.59, ("base", "1d"): 88.29,
             ("base", "1dpp"): 90.38, ("base", "2dpp"): 90.97}
+# FLOPs (G) at 224x224 from the "Image Classification / Results" table of princeton-vl/Oriented1D
+# README.md (ConvNeXt-T/B (rep.), -1D, -1D++, -2D++). Upstream counts them with fvcore and counts
+# each oriented conv as C * H_out * W_out * S multiply-accumulates, as tools/count.py does.
+README_GFLOPS = {("tiny", "2d"): 4.5, ("tiny", "1d"): 4.4, ("tiny", "1dpp"): 4.7,
+                 ("tiny", "2dpp"): 4.8, ("base", "2d"): 15.4, ("base", "1d"): 15.3,
+                 ("base", "1dpp"): 15.8, ("base", "2dpp"): 15.9}
 
 
 def _snapshot(size, variant):
@@ -48,6 +55,15 @@ def test_keys_shapes_order_and_params_match_upstream(size, variant):
     count = sum(p.numel() for p in model.parameters())
     assert count == expected["params"]
     assert round(count / 1e6, 2) == PARAMS_M[(size, variant)]
+
+
+@pytest.mark.parametrize("size", ["tiny", "base"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_flops_match_the_readme_table(size, variant):
+    result = count_flops(f"convnext_{size}", variant=variant)
+    assert result["train"][1] / 1e9 == pytest.approx(README_GFLOPS[size, variant], rel=0.02)
+    assert round(result["train"][0] / 1e6, 2) == PARAMS_M[size, variant]
+    assert result["deploy"] == result["train"]  # nothing to re-parameterize
 
 
 @pytest.mark.parametrize("variant", ["1d", "1dpp", "2dpp"])
