@@ -289,8 +289,11 @@ ForwardParams plan_forward(const ConvShape& s, int num_sms) {
       const double halo = double(rg * kR) / (rg * kR + s.kh - 1);
       const double blocks = double(s.C) * tiles_h * p.tiles_w * ceil_div(s.N, planes);
       const double waves = std::min(1.0, blocks / (2.0 * num_sms));
+      // Resident warps per SM (shared memory bounds the blocks); 16 keep the FMA pipes busy.
+      const int64_t blocks_per_sm = std::min<int64_t>(228 * 1024 / (smem + 1024), 2048 / threads);
+      const double occupancy = std::min(1.0, blocks_per_sm * threads / 32 / 16.0);
       const double score = rows_used * planes_used * lanes_used * std::sqrt(size) *
-                           std::pow(halo, 0.2) * std::sqrt(waves);
+                           std::pow(halo, 0.2) * std::sqrt(waves) * occupancy;
       if (score > best) {
         best = score;
         p.planes = planes;
