@@ -1,12 +1,14 @@
 """Layers shared by every family.
 
 All depthwise convolutions with large kernels go through :func:`depthwise_conv2d` (or the
-:class:`DepthwiseConv2d` module that calls it), so the implementation behind them can be switched
-in one place (torch/cuDNN today; the CUDA extension in ``kernels/`` when it is built).
+:class:`DepthwiseConv2d` module that calls it), so the implementation behind them is chosen in one
+place: torch's convolution or lknets' CUDA kernel (``kernels/``), see :func:`set_lk_impl`.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Tuple, Union
+import os
+import warnings
+from typing import Callable, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -14,7 +16,7 @@ import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 
 __all__ = ["DropPath", "trunc_normal_", "LayerNorm2d", "DepthwiseConv2d", "depthwise_conv2d",
-           "to_2tuple", "drop_path_rates"]
+           "to_2tuple", "drop_path_rates", "set_lk_impl", "get_lk_impl", "LK_IMPLS"]
 
 IntOrPair = Union[int, Tuple[int, int]]
 
@@ -36,14 +38,92 @@ def drop_path_rates(drop_path_rate: float, num_blocks: int) -> List[float]:
     return [drop_path_rate * i / (num_blocks - 1) for i in range(num_blocks)]
 
 
+LK_IMPLS = ("auto", "cuda", "torch")
+_LEGACY_ENV = "LARGE_KERNEL_CONV_IMPL"
+_lk_impl: Optional[str] = None
+_kernel_fn: Optional[Callable[..., torch.Tensor]] = None
+_kernel_state: Optional[bool] = None
+
+
+def set_lk_impl(name: str) -> None:
+    """Choose the large-kernel depthwise conv: ``auto``, ``cuda`` or ``torch``.
+
+    ``auto`` (default) runs lknets' kernel on CUDA inputs for the kernel sizes where it measured
+    faster than torch (benchmarks/RESULTS.md) and falls back to torch elsewhere, or when the
+    extension can't be built or loaded. ``cuda`` runs lknets' kernel for every CUDA input and fails
+    loudly if the extension is missing. ``torch`` always uses ``F.conv2d``. CPU inputs always use
+    torch.
+    """
+    global _lk_impl
+    if name not in LK_IMPLS:
+        raise ValueError(f"unknown large-kernel conv implementation {name!r}; choose one of {LK_IMPLS}")
+    _lk_impl = name
+
+
+def get_lk_impl() -> str:
+    """The current choice; the first call honours upstream's ``LARGE_KERNEL_CONV_IMPL`` variable."""
+    global _lk_impl
+    if _lk_impl is None:
+        legacy = os.environ.get(_LEGACY_ENV)
+        if legacy is None:
+            _lk_impl = "auto"
+        else:
+            _lk_impl = legacy if legacy in LK_IMPLS else "cuda"
+            warnings.warn(f"{_LEGACY_ENV}={legacy!r} is upstream's switch to its iGEMM extension; lknets "
+                          f"ships its own kernel and reads it as --lk_impl {_lk_impl} (prefer "
+                          "--lk_impl or models.layers.set_lk_impl)", stacklevel=2)
+    return _lk_impl
+
+
+def _kernel_wins(x: torch.Tensor, kh: int, kw: int, training: bool) -> bool:
+    """Where lknets' kernel measured faster than torch's path for the same input
+    (benchmarks/RESULTS.md, bf16/fp16/fp32).
+
+    Training (forward + both gradients): every large kernel on NCHW input, where torch runs ATen's
+    slow generic depthwise kernels; small kernels (up to 7x7) on channels_last input stay on cuDNN.
+    Inference (forward only): torch's forward wins where the map is much smaller than the kernel
+    (RepLKNet stages 3-4: most taps fall in the padding).
+    """
+    if kh * kw < 31:
+        return False
+    if kh * kw <= 49 and x.is_contiguous(memory_format=torch.channels_last):
+        return False
+    if not training:
+        return 2 * x.shape[-2] * x.shape[-1] >= kh * kw
+    return True
+
+
+@torch.compiler.assume_constant_result
+def _kernels_ready(strict: bool) -> bool:
+    """Loads (or JIT-builds, once) the extension; a constant for torch.compile."""
+    global _kernel_fn, _kernel_state
+    if _kernel_state is None or (strict and not _kernel_state):
+        import kernels
+        try:
+            kernels.load_extension()
+            _kernel_fn, _kernel_state = kernels.depthwise_conv2d, True
+        except RuntimeError as exc:
+            _kernel_state = False
+            if strict:
+                raise
+            warnings.warn(f"{exc}; large-kernel convs use torch's implementation", stacklevel=2)
+    return _kernel_state
+
+
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
                      padding: Optional[IntOrPair] = None) -> torch.Tensor:
     """Depthwise, stride-1 cross-correlation of ``x`` (N, C, H, W) with ``weight`` (C, 1, kh, kw).
 
-    ``padding`` defaults to ``(kh // 2, kw // 2)``, which keeps H and W for odd kernels.
+    ``padding`` defaults to ``(kh // 2, kw // 2)``, which keeps H and W for odd kernels. The
+    implementation follows :func:`set_lk_impl`.
     """
     kh, kw = weight.shape[-2:]
     pad = (kh // 2, kw // 2) if padding is None else to_2tuple(padding)
+    impl = get_lk_impl()
+    training = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if x.is_cuda and impl != "torch" and (impl == "cuda" or _kernel_wins(x, kh, kw, training)):
+        if _kernels_ready(impl == "cuda"):
+            return _kernel_fn(x, weight, bias, pad)
     return F.conv2d(x, weight, bias, 1, pad, 1, weight.shape[0])
 
 
