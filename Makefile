@@ -27,7 +27,10 @@ demo: setup data
 	rm -rf output/demo
 	OMP_NUM_THREADS=1 $(PY) main.py $(DEMO_ARGS)
 
+# Compiling the CUDA extension first catches a broken build (setup.py skips it, with a message,
+# where no CUDA toolkit is found).
 test: setup data
+	$(PY) setup.py -q build_ext --inplace
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
 
 clean:

@@ -41,6 +41,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="Name of model to train (see models.list_models())")
     parser.add_argument("--drop_path", type=float, default=0, metavar="PCT",
                         help="Drop path rate (default: 0.0)")
+    parser.add_argument("--lk_impl", default="auto", choices=["auto", "cuda", "torch"],
+                        help="large-kernel depthwise conv: lknets' CUDA kernel where it measured "
+                             "faster (auto), always (cuda), or torch's (default: auto)")
     parser.add_argument("--input_size", default=224, type=int, help="image input size")
     parser.add_argument("--test_size", default=-1, type=int,
                         help="eval image size; -1 uses --input_size")
@@ -220,6 +223,7 @@ def build_model(args: argparse.Namespace, nb_classes: int) -> torch.nn.Module:
     if args.deploy:
         kwargs["deploy"] = True
     kwargs.update(models.family_kwargs(args.model, args))
+    models.layers.set_lk_impl(args.lk_impl)
     try:
         return models.create_model(args.model, **kwargs)
     except TypeError as err:
