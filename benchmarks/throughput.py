@@ -1,0 +1,99 @@
+"""End-to-end training and inference images/s, torch's depthwise conv vs lknets' kernel, one run.
+
+    python benchmarks/throughput.py [--model RepLKNet-31B,unireplknet_t,SLaK_tiny]
+        [--lk_impl torch,auto] [--amp_dtype bf16] [--batch_size 64] [--input_size 224]
+
+A training step is forward, cross-entropy, backward and an AdamW step under torch.autocast;
+inference is the forward under autocast and no_grad, model in eval mode. Synthetic inputs; each
+number is the median over timed steps after warm-up.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from models import create_model  # noqa: E402
+from models.layers import set_lk_impl  # noqa: E402
+
+AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+
+
+def median_step_s(step, warmup: int, steps: int) -> float:
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure(name: str, impl: str, amp_dtype, batch: int, size: int, warmup: int, steps: int):
+    set_lk_impl(impl)
+    torch.manual_seed(0)
+    model = create_model(name).cuda()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16)
+    x = torch.randn(batch, 3, size, size, device="cuda")
+    target = torch.randint(0, 1000, (batch,), device="cuda")
+
+    def train_step():
+        with torch.autocast("cuda", dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            loss = F.cross_entropy(model(x), target)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    def infer_step():
+        with torch.no_grad(), torch.autocast("cuda", dtype=amp_dtype or torch.float32,
+                                             enabled=amp_dtype is not None):
+            model(x)
+
+    model.train()
+    train = batch / median_step_s(train_step, warmup, steps)
+    model.eval()
+    infer = batch / median_step_s(infer_step, warmup, steps)
+    del model, optimizer
+    torch.cuda.empty_cache()
+    return train, infer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default="RepLKNet-31B,unireplknet_t,SLaK_tiny")
+    parser.add_argument("--lk_impl", default="torch,auto")
+    parser.add_argument("--amp_dtype", default="bf16", choices=list(AMP))
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--input_size", type=int, default=224)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args()
+    torch.backends.cudnn.benchmark = True
+    print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | CUDA {torch.version.cuda} | "
+          f"cuDNN {torch.backends.cudnn.version()} | batch {args.batch_size} | {args.input_size}px | "
+          f"amp {args.amp_dtype}")
+    print("| model | lk_impl | train img/s | inference img/s |\n|---|---|---|---|")
+    for name in args.model.split(","):
+        base = None
+        for impl in args.lk_impl.split(","):
+            train, infer = measure(name, impl, AMP[args.amp_dtype], args.batch_size,
+                                   args.input_size, args.warmup, args.steps)
+            base = base or (train, infer)
+            print(f"| {name} | {impl} | {train:.1f} ({train / base[0]:.2f}x) | "
+                  f"{infer:.1f} ({infer / base[1]:.2f}x) |", flush=True)
+    set_lk_impl("auto")
+
+
+if __name__ == "__main__":
+    main()
