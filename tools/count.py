@@ -86,6 +86,27 @@ def _oriented_convs_by_taps(model: nn.Module, macs: Dict[nn.Module, int]) -> Ite
             del conv.forward
 
 
+@contextlib.contextmanager
+def _macs_per_layer(layers: List[nn.Module], counter: FlopCounterMode,
+                    macs: Dict[nn.Module, int]) -> Iterator[None]:
+    """Record in ``macs`` what ``counter`` counts inside each of ``layers`` (MACs)."""
+    start: Dict[nn.Module, int] = {}
+
+    def before(module: nn.Module, args: Any) -> None:
+        start[module] = counter.get_total_flops()
+
+    def after(module: nn.Module, args: Any, out: Any) -> None:
+        macs[module] = macs.get(module, 0) + (counter.get_total_flops() - start[module]) // 2
+
+    hooks = [h for m in layers
+             for h in (m.register_forward_pre_hook(before), m.register_forward_hook(after))]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def count_macs(model: nn.Module, input_size: int, in_chans: int = 3,
                density: float = 1.0) -> int:
     """Multiply-accumulates of one forward pass of a single image (model on any device).
@@ -96,30 +117,17 @@ def count_macs(model: nn.Module, input_size: int, in_chans: int = 3,
     device = next(model.parameters()).device
     x = torch.empty(1, in_chans, input_size, input_size, device=device)
     counter = FlopCounterMode(display=False)
+    weighted = [m for m in model.modules()
+                if isinstance(getattr(m, "weight", None), torch.Tensor) and _maskable(m.weight)
+                and not isinstance(m, OrientedConv1d)]
     by_layer: Dict[nn.Module, int] = {}
-    start: Dict[nn.Module, int] = {}
-    hooks = []
-    if density != 1.0:
-        weighted = [m for m in model.modules()
-                    if isinstance(getattr(m, "weight", None), torch.Tensor) and _maskable(m.weight)
-                    and not isinstance(m, OrientedConv1d)]
-        for m in weighted:
-            hooks.append(m.register_forward_pre_hook(
-                lambda mod, args: start.__setitem__(mod, counter.get_total_flops())))
-            hooks.append(m.register_forward_hook(
-                lambda mod, args, out: by_layer.__setitem__(
-                    mod, by_layer.get(mod, 0) + (counter.get_total_flops() - start[mod]) // 2)))
     oriented: Dict[nn.Module, int] = {}
-    try:
-        with _oriented_convs_by_taps(model, oriented), counter, torch.no_grad():
-            model(x)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    with _macs_per_layer(weighted, counter, by_layer), \
+            _oriented_convs_by_taps(model, oriented), counter, torch.no_grad():
+        model(x)
     total = counter.get_total_flops() // 2 + sum(oriented.values())
-    if density != 1.0:
-        total -= round((1.0 - density) * (sum(by_layer.values()) + sum(oriented.values())))
-    return total
+    sparse_part = sum(by_layer.values()) + sum(oriented.values())
+    return total - round((1.0 - density) * sparse_part)
 
 
 def count(model_name: str, input_size: int = 224, nb_classes: int = 1000, sparsity: float = 0.0,
