@@ -1,6 +1,8 @@
 """run_with_submitit.py: jobs through submitit's local executor (the code path of a SLURM job:
 pickled Trainer, one process per task, env:// set-up, signal-driven requeue), the sbatch script
 it writes for SLURM (with a stand-in sbatch), and its messages for bad input."""
+import contextlib
+import io
 import json
 import os
 import re
@@ -57,13 +59,23 @@ def child_pids(pid: int) -> List[int]:
     return children
 
 
-def test_local_job_runs_to_completion(tmp_path, capsys):
-    job = rws.submit(parse("--cluster", "local", "--epochs", "2", "--train_subset", "64",
-                           "--job_dir", str(tmp_path)))
-    printed = capsys.readouterr().out
-    stats = job.result()
+# 10 updates an epoch: a signal sent when epoch 0 is logged arrives while epoch 1 trains.
+EPOCHS = ["--epochs", "2", "--train_subset", "160"]
 
-    out = tmp_path / job.job_id
+
+@pytest.fixture(scope="module")
+def finished_job(tmp_path_factory):
+    """An uninterrupted local job (also the reference for the requeued one)."""
+    job_dir = tmp_path_factory.mktemp("finished")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        job = rws.submit(parse("--cluster", "local", *EPOCHS, "--job_dir", str(job_dir)))
+    stats = job.result()
+    return job, job_dir / job.job_id, printed.getvalue(), stats
+
+
+def test_local_job_runs_to_completion(finished_job):
+    job, out, printed, stats = finished_job
     assert f"Submitted job {job.job_id} (local" in printed
     assert f"stdout: {out / f'{job.job_id}_0_log.out'}" in printed
     assert f"stderr: {out / f'{job.job_id}_0_log.err'}" in printed
@@ -74,32 +86,47 @@ def test_local_job_runs_to_completion(tmp_path, capsys):
     assert "distributed init (rank 0 of 1, gloo): env://" in job.stdout()
 
 
-def test_time_limit_requeues_and_resumes_where_it_stopped(tmp_path):
-    flags = ["--cluster", "local", "--epochs", "3", "--train_subset", "160"]
-    reference = rws.submit(parse(*flags, "--job_dir", str(tmp_path / "reference")))
+def test_time_limit_requeues_and_resumes_where_it_stopped(tmp_path, finished_job):
     # --timeout 1: the signal below comes later than submitit's "guaranteed" run time, so the job
     # counts as timed out (not pre-empted), as when SLURM warns of the time limit.
-    job = rws.submit(parse(*flags, "--timeout", "1", "--job_dir", str(tmp_path / "job")))
-    out = tmp_path / "job" / job.job_id
-
+    job = rws.submit(parse("--cluster", "local", *EPOCHS, "--timeout", "1",
+                           "--job_dir", str(tmp_path)))
+    out = tmp_path / job.job_id
     wait_for(lambda: logged_epochs(out) == [0], "epoch 0 of the job")
     (task,) = child_pids(job._process.pid)
     os.kill(task, signal.SIGUSR2)  # what SLURM sends SIGNAL_DELAY_S before the time limit
-    job.result()
-    reference.result()
+    assert job.result()["epoch"] == 1
 
     log = job.stdout()
     assert "this job is timed-out" in log and "Requeued job" in log
-    starts = [int(e) for e in re.findall(r"Start training for 3 epochs \(from epoch (\d+)\)", log)]
-    assert len(starts) == 2 and starts[0] == 0 and starts[1] >= 1, starts
-    assert f"Resume checkpoint {out / f'checkpoint-{starts[1] - 1}.pth'}" in log
-    assert logged_epochs(out) == [0, 1, 2]
-    final = torch.load(out / "checkpoint-2.pth", map_location="cpu", weights_only=False)["model"]
-    expected = torch.load(tmp_path / "reference" / reference.job_id / "checkpoint-2.pth",
-                          map_location="cpu", weights_only=False)["model"]
+    starts = re.findall(r"Start training for 2 epochs \(from epoch (\d+)\)", log)
+    assert starts == ["0", "1"]
+    assert f"Resume checkpoint {out / 'checkpoint-0.pth'}" in log
+    assert logged_epochs(out) == [0, 1]
+    final = torch.load(out / "checkpoint-1.pth", map_location="cpu", weights_only=False)["model"]
+    expected = torch.load(finished_job[1] / "checkpoint-1.pth", map_location="cpu",
+                          weights_only=False)["model"]
     assert final.keys() == expected.keys()
     for key in expected:
         assert torch.equal(final[key], expected[key]), key
+
+
+def test_two_process_job_requeues_every_rank(tmp_path):
+    job = rws.submit(parse("--cluster", "local", "--ngpus", "2", "--epochs", "2",
+                           "--train_subset", "320", "--job_dir", str(tmp_path)))
+    out = tmp_path / job.job_id
+    wait_for(lambda: logged_epochs(out) == [0], "epoch 0 of the job")
+    tasks = child_pids(job._process.pid)
+    assert len(tasks) == 2
+    for task in tasks:  # SLURM signals every task; only rank 0 checkpoints and requeues
+        os.kill(task, signal.SIGUSR2)
+    assert [stats["epoch"] for stats in job.results()] == [1, 1]
+
+    rank0, rank1 = ((out / f"{job.job_id}_{rank}_log.out").read_text() for rank in (0, 1))
+    assert "this job is preempted" in rank0 and "Requeued job" in rank0
+    assert rank0.count("Starting with JobEnvironment") == rank1.count("Starting with") == 2
+    assert re.findall(r"Start training for 2 epochs \(from epoch (\d+)\)", rank0) == ["0", "1"]
+    assert logged_epochs(out) == [0, 1]
 
 
 def test_checkpoint_resubmits_from_newest_checkpoint(tmp_path):
