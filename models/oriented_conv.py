@@ -118,7 +118,12 @@ def oriented_conv1d(x: torch.Tensor, weight: torch.Tensor, theta: torch.Tensor,
         if stride == 1:
             outputs.append(depthwise_conv2d(xs, kernel, b, padding=group.radius))
         else:
-            outputs.append(F.conv2d(xs, kernel, b, stride, group.radius, 1, kernel.shape[0]))
+            # Zero-pad explicitly rather than through conv2d's padding: PyTorch's CPU float32
+            # weight gradient of a padded single-channel conv returns garbage for some shapes
+            # (e.g. a 31x1 kernel at stride 2 on a 29x30 input, torch 2.15).
+            rh, rw = group.radius
+            outputs.append(F.conv2d(F.pad(xs, (rw, rw, rh, rh)), kernel, b, stride, 0, 1,
+                                    kernel.shape[0]))
     y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
     return y.permute(0, 2, 3, 1) if nhwc else y
 

@@ -153,3 +153,19 @@ def test_cuda_matches_cpu():
     torch.testing.assert_close(y_cuda.cpu(), y, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(x_cuda.grad.cpu(), x.grad, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(conv_cuda.weight.grad.cpu(), conv.weight.grad, rtol=1e-3, atol=1e-3)
+
+
+def test_strided_float32_gradients_match_float64_on_cpu():
+    """Regression: torch's CPU conv2d returned garbage weight gradients for the single-channel
+    groups of this shape (31-tap vertical kernel, stride 2, 29x30 input) when padding was
+    passed to conv2d."""
+    torch.manual_seed(0)
+    conv = OrientedConv1d(16, 31, stride=2, angle=[i * math.pi / 16 for i in range(16)])
+    x = torch.randn(2, 16, 29, 30, requires_grad=True)
+    conv(x).square().sum().backward()
+    conv64 = OrientedConv1d(16, 31, stride=2).double()
+    conv64.load_state_dict(conv.state_dict())
+    x64 = x.detach().double().requires_grad_()
+    conv64(x64).square().sum().backward()
+    torch.testing.assert_close(conv.weight.grad.double(), conv64.weight.grad, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-4)
