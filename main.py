@@ -390,6 +390,12 @@ def train(args, model, model_without_ddp, model_ema, optimizer, loss_scaler, tra
         os.makedirs(args.output_dir, exist_ok=True)
 
     max_accuracy = max_accuracy_ema = 0.0
+    if args.output_dir and utils.is_main_process():
+        # Epochs from start_epoch on are trained again: drop their old lines, and keep the best
+        # accuracy so far so a resumed run does not overwrite a better checkpoint-best.pth.
+        history = utils.trim_json_log(args.output_dir, args.start_epoch)
+        max_accuracy = max((row.get("test_acc1", 0.0) for row in history), default=0.0)
+        max_accuracy_ema = max((row.get("test_acc1_ema", 0.0) for row in history), default=0.0)
     stats: Dict[str, Any] = {}
     if args.start_epoch >= args.epochs:
         print(f"Nothing to train: the run is at epoch {args.start_epoch} of {args.epochs} "
@@ -409,12 +415,6 @@ def train(args, model, model_without_ddp, model_ema, optimizer, loss_scaler, tra
             wd_schedule_values=wd_schedule, num_training_steps_per_epoch=steps_per_epoch,
             update_freq=args.update_freq, amp_dtype=amp_dtype, masking=masking)
         extra = {"masks": masking.state_dict()} if masking is not None else None
-        last_epoch = epoch + 1 == args.epochs
-        if args.output_dir and args.save_ckpt and ((epoch + 1) % args.save_ckpt_freq == 0
-                                                   or last_epoch):
-            utils.save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, model_ema,
-                             extra)
-
         stats = {**{f"train_{k}": v for k, v in train_stats.items()}}
         if masking is not None:
             stats["sparse_density"] = masking.densities()["total"]
@@ -449,6 +449,12 @@ def train(args, model, model_without_ddp, model_ema, optimizer, loss_scaler, tra
             if log_writer is not None:
                 log_writer.flush()
             utils.append_json_log(args.output_dir, stats)
+        # Saved after the log line: a run killed in between repeats this epoch on resume (and
+        # the log is trimmed to the resumed epoch) instead of resuming past an unlogged epoch.
+        if args.output_dir and args.save_ckpt and ((epoch + 1) % args.save_ckpt_freq == 0
+                                                   or epoch + 1 == args.epochs):
+            utils.save_model(args, epoch, model_without_ddp, optimizer, loss_scaler, model_ema,
+                             extra)
 
     if log_writer is not None:
         log_writer.close()

@@ -263,6 +263,23 @@ def append_json_log(output_dir: str, stats: Dict[str, Any]) -> None:
         f.write(json.dumps(stats) + "\n")
 
 
+def trim_json_log(output_dir: str, start_epoch: int) -> List[Dict[str, Any]]:
+    """Keep only the log.txt lines of epochs before ``start_epoch`` (rewritten atomically);
+    returns them."""
+    path = os.path.join(output_dir, "log.txt")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    kept = [row for row in rows if row.get("epoch", -1) < start_epoch]
+    if len(kept) != len(rows):
+        tmp = f"{path}.tmp.{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in kept)
+        os.replace(tmp, path)
+    return kept
+
+
 # --------------------------------------------------------------------------- schedules, AMP
 
 def cosine_scheduler(base_value: float, final_value: float, epochs: int, niter_per_ep: int,

@@ -147,3 +147,24 @@ def test_gradient_accumulation_equals_the_large_batch(tmp_path):
         results.append(model.state_dict())
     for key, value in results[0].items():
         assert torch.allclose(value, results[1][key], atol=1e-6, rtol=1e-5), key
+
+
+def test_resume_trims_the_log_and_keeps_the_best_accuracy(trained, tmp_path):
+    """A run killed after logging an epoch but before its checkpoint repeats that epoch once,
+    and a resumed run does not replace checkpoint-best.pth with a worse epoch."""
+    import shutil
+
+    out, argv, _ = trained
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    os.remove(copy / "checkpoint-2.pth")  # killed after epoch 2 was logged, before its save
+    best = torch.load(copy / "checkpoint-best.pth", map_location="cpu", weights_only=False)
+    argv = [str(copy) if a == str(out) else a for a in argv]
+    argv = [str(copy / "tb") if a == str(out / "tb") else a for a in argv]
+    run(argv + ["--lr", "0"])  # epoch 2 again, learning nothing new
+    assert [row["epoch"] for row in read_log(copy)] == [0, 1, 2]
+    # With lr 0 the re-run epoch 2 scores exactly what epoch 1 did: not a new best.
+    assert read_log(copy)[2]["test_acc1"] == read_log(out)[1]["test_acc1"]
+    again = torch.load(copy / "checkpoint-best.pth", map_location="cpu", weights_only=False)
+    for key, value in best["model"].items():
+        assert torch.equal(again["model"][key], value), key
