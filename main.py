@@ -163,9 +163,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
     # Distributed
     parser.add_argument("--world_size", default=1, type=int, help="number of distributed processes")
-    parser.add_argument("--use_sync_bn", type=str2bool, default=None,
-                        help="SyncBatchNorm across processes (default: the family's upstream "
-                             "choice: on for RepLKNet and SLaK, off otherwise)")
+    parser.add_argument("--use_sync_bn", type=str2bool, default=False,
+                        help="convert BatchNorm to SyncBatchNorm across processes (upstream "
+                             "RepLKNet and SLaK forced it; it costs speed, see benchmarks)")
     parser.add_argument("--local_rank", "--local-rank", default=-1, type=int)
     parser.add_argument("--dist_on_itp", type=str2bool, default=False)
     parser.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
@@ -301,10 +301,7 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
         print(f"Using EMA with decay = {args.model_ema_decay:.8f}")
     model_without_ddp = model
     if args.distributed:
-        sync_bn = args.use_sync_bn
-        if sync_bn is None:
-            sync_bn = models.get_family(args.model).sync_bn
-        if sync_bn:
+        if args.use_sync_bn:
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
             model_without_ddp = model
             print("Using SyncBatchNorm")

@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import argparse
 import builtins
+import contextlib
 import datetime
 import glob
 import json
 import os
 import random
 import re
+import signal
+import threading
 import time
 from collections import OrderedDict, defaultdict, deque
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
@@ -345,20 +348,55 @@ class LossScaler:
 _CKPT_RE = re.compile(r"checkpoint-(\d+)\.pth$")
 
 
+# Signals a scheduler sends to stop or requeue a job (SLURM's time-limit and pre-emption
+# signals, submitit's requeue). They are held while a checkpoint is written.
+_STOP_SIGNALS = {getattr(signal, name) for name in ("SIGTERM", "SIGUSR1", "SIGUSR2")
+                 if hasattr(signal, name)}
+
+
+@contextlib.contextmanager
+def _stop_signals_deferred() -> Iterator[None]:
+    """Hold stop/requeue signals until the block ends, then hand them to their handlers.
+
+    A requeue handler that exits in the middle of torch.save would leave the job failed instead
+    of requeued; this way it acts right after the checkpoint is complete. (Python runs signal
+    handlers in the main thread between bytecodes, so swapping the handlers is enough.)
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending: List[Tuple[int, Any]] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: pending.append((signum, frame)))
+                for sig in _STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for signum, frame in pending:
+            handler = previous[signum]
+            if callable(handler):
+                handler(signum, frame)
+            elif handler == signal.SIG_DFL:
+                os.kill(os.getpid(), signum)
+
+
 def atomic_save(obj: Any, path: str) -> None:
-    """torch.save through a temporary file and a rename, so a crash never leaves half a file."""
+    """torch.save through a temporary file and a rename, so a crash never leaves half a file;
+    a stop or requeue signal arriving meanwhile takes effect once the file is complete."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    with _stop_signals_deferred():
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(obj, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
 
 def load_checkpoint_file(path: str) -> Dict[str, Any]:

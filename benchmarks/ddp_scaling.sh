@@ -5,6 +5,8 @@
 #
 #   bash benchmarks/ddp_scaling.sh DATA_DIR OUT_DIR [STEPS] [BATCH] [MODELS...]
 # DATA_DIR holds the Fashion-MNIST idx files; each run's log.txt goes to OUT_DIR/<model>-<run>.
+# EXTRA_ARGS are added to every run (e.g. "--use_sync_bn true": BN models only match the
+# 1-GPU loss with SyncBN, which costs speed).
 set -euo pipefail
 data=$1
 out=$2
@@ -17,7 +19,7 @@ models=("$@")
 common=(--data_set fashion_mnist --data_path "$data" --input_size 224 --epochs 1
         --disable_eval true --use_amp true --amp_dtype bfloat16 --num_workers 12
         --aa none --reprob 0 --color_jitter 0 --mixup 0 --cutmix 0 --smoothing 0
-        --drop_path 0 --warmup_epochs 0 --lr 1e-4 --save_ckpt false)
+        --drop_path 0 --warmup_epochs 0 --lr 1e-4 --save_ckpt false ${EXTRA_ARGS:-})
 
 run() {  # name nproc per_gpu_batch model
   local dir="$out/$4-$1"

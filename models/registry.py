@@ -29,7 +29,6 @@ class Family:
     num_layers: number of body groups for layer decay (12 for the ConvNeXt-style rule).
     add_args: adds the family's flags to the main argument parser.
     kwargs_from_args: turns parsed flags into constructor keyword arguments for this family.
-    sync_bn: whether multi-process training uses SyncBatchNorm by default (upstream's choice).
     """
 
     name: str
@@ -37,7 +36,6 @@ class Family:
     num_layers: int = 12
     add_args: Optional[Callable[[argparse.ArgumentParser], None]] = None
     kwargs_from_args: Optional[Callable[[argparse.Namespace], Dict[str, Any]]] = None
-    sync_bn: bool = False
     models: List[str] = field(default_factory=list)
 
 

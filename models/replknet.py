@@ -249,8 +249,7 @@ def replknet_layer_id(name: str, num_layers: int = 12) -> int:
     return num_layers + 1
 
 
-# Upstream trains RepLKNet with SyncBatchNorm (a process-wide switch there; a DDP option here).
-register_family(Family(name="replknet", layer_id_for=replknet_layer_id, sync_bn=True))
+register_family(Family(name="replknet", layer_id_for=replknet_layer_id))
 
 
 # Upstream's factories default to drop_path_rate=0.3 and use_checkpoint=True, but its main.py

@@ -164,9 +164,7 @@ def slak_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
                 bn=args.bn)
 
 
-# Upstream trains SLaK with SyncBatchNorm (a module global there; a DDP option here).
 register_family(Family(name="slak", layer_id_for=convnext_layer_id, add_args=add_slak_args,
-                       sync_bn=True,
                        kwargs_from_args=slak_kwargs))
 
 

@@ -150,3 +150,26 @@ def test_non_finite_loss_stops_with_the_step(capsys, monkeypatch):
     with pytest.raises(utils.UserError, match=r"loss is nan at epoch 4, iteration 0"):
         engine.train_one_epoch(model, NanLoss(), data, optimizer, torch.device("cpu"), 4,
                                utils.LossScaler(False, "cpu"), num_training_steps_per_epoch=3)
+
+
+def test_a_requeue_signal_during_a_checkpoint_write_waits_for_the_file(tmp_path):
+    """SLURM/submitit send SIGUSR2 to requeue; it must not cut a checkpoint write in half."""
+    import signal
+
+    received = []
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: received.append(signum))
+    real_save = torch.save
+
+    def save_while_signalled(obj, f):
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert received == []  # held while writing
+        real_save(obj, f)
+
+    try:
+        torch.save = save_while_signalled
+        utils.atomic_save({"w": torch.ones(3)}, str(tmp_path / "checkpoint-0.pth"))
+    finally:
+        torch.save = real_save
+        signal.signal(signal.SIGUSR2, previous)
+    assert received == [signal.SIGUSR2]  # delivered once the file was complete
+    assert torch.equal(torch.load(tmp_path / "checkpoint-0.pth")["w"], torch.ones(3))
