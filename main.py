@@ -282,7 +282,10 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
     if str(args.device).startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {args.device} but CUDA is not available; pass --device cpu")
     device = torch.device(args.device)
-    utils.seed_everything(args.seed + utils.get_rank())
+    # The same seed on every rank: identical initial weights, so each rank's EMA copy (made
+    # before DDP broadcasts rank 0's weights) starts equal. Per-rank randomness is seeded per
+    # epoch in train() and per sample by EpochSeededDataset.
+    utils.seed_everything(args.seed)
     cudnn.benchmark = True
     amp_dtype = AMP_DTYPES[args.amp_dtype] if args.use_amp else None
 
