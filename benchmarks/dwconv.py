@@ -4,7 +4,8 @@
                                 [--layouts nchw,nhwc] [--jsonl out.jsonl]
 
 For every shape of the table below, dtype and layout: fwd, dgrad, wgrad and fwd+bwd times (median
-of CUDA-event timings, L2 flushed before each repetition) of both implementations; torch runs with
+of CUDA-event timings, L2 flushed before each repetition, host launch overhead hidden behind a spin
+kernel) of both implementations; torch runs with
 cudnn.benchmark off (autotuning channels_last large kernels takes 30 s+ per shape). The floor per
 direction is max(flops / peak, bytes / copy bandwidth) with the peak and bandwidth measured in the
 same run (16-bit peak: the dtype's matmul rate; fp32: matmul with TF32 off); "useful" counts only
@@ -41,6 +42,9 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DIRECTIONS = ("fwd", "dgrad", "wgrad", "f+b")
 
 _flush = None
+# A spin kernel before each timed repetition keeps the GPU busy while the host queues the whole
+# repetition, so host-side launch overhead is not timed (as in shared/perf/baseline.md).
+SPIN_CYCLES = 4_000_000
 
 
 def timed(fn, budget_s: float = 0.1, max_reps: int = 20) -> float:
@@ -58,6 +62,7 @@ def timed(fn, budget_s: float = 0.1, max_reps: int = 20) -> float:
     times = []
     for _ in range(reps):
         _flush.zero_()
+        torch.cuda._sleep(SPIN_CYCLES)
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -112,7 +117,13 @@ def run_case(impl, n, c, h, k, dtype, layout) -> dict:
     w = (torch.randn(c, 1, kh, kw, device="cuda") / (kh * kw) ** 0.5).to(dtype)
     dy = torch.randn_like(x)
     xg, wg = x.detach().requires_grad_(), w.detach().requires_grad_()
-    if impl == "ours":
+    if impl.startswith("ours"):
+        # "ours:direct" / "ours:gemm" force one formulation of the extension; "ours" lets it choose.
+        algo = impl.partition(":")[2]
+        if algo:
+            os.environ["LKNETS_DWCONV_ALGO"] = algo
+        else:
+            os.environ.pop("LKNETS_DWCONV_ALGO", None)
         fwd = lambda: torch.ops.lknets.dwconv2d(x, w, None, *pad)
         dgrad = lambda: torch.ops.lknets.dwconv2d_input_grad(dy, w, *pad)
         wgrad = lambda: torch.ops.lknets.dwconv2d_weight_grad(x, dy, kh, kw, *pad)
@@ -137,7 +148,8 @@ def main() -> None:
     parser.add_argument("--shapes", default=",".join(SHAPES))
     parser.add_argument("--dtypes", default="bf16,fp16,fp32")
     parser.add_argument("--layouts", default="nchw,nhwc")
-    parser.add_argument("--impls", default="ours,torch")
+    parser.add_argument("--impls", default="ours,torch",
+                        help="ours, ours:direct, ours:gemm (force a formulation), torch")
     parser.add_argument("--jsonl", default=None)
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = False

@@ -4,6 +4,10 @@ The ops are defined in Python so that they exist (for torch.compile tracing, fak
 autograd) whether or not the CUDA extension is built; the extension is loaded, or JIT-built and
 cached, on the first call that runs on a GPU. The weight gradient is deterministic: per-block
 partial sums are reduced in a fixed order, with no atomics.
+
+The extension picks, per shape, between a direct CUDA-core kernel and a tensor-core (GEMM)
+formulation for fp16/bf16 (see benchmarks/RESULTS.md); the environment variable
+``LKNETS_DWCONV_ALGO=direct|gemm`` forces one where it applies (benchmarks, tests).
 """
 from __future__ import annotations
 

@@ -81,15 +81,18 @@ def _kernel_wins(x: torch.Tensor, kh: int, kw: int, training: bool) -> bool:
 
     Training (forward + both gradients): every large kernel on NCHW input, where torch runs ATen's
     slow generic depthwise kernels; small kernels (up to 7x7) on channels_last input stay on cuDNN.
-    Inference (forward only): torch's forward wins where the map is much smaller than the kernel
-    (RepLKNet stages 3-4: most taps fall in the padding).
+    Inference (forward only): in fp16/bf16 (input dtype, or the autocast dtype) every large kernel
+    (our tensor-core path); in fp32 torch's forward wins where the map is much smaller than the
+    kernel (RepLKNet stages 3-4: most taps fall in the padding).
     """
     if kh * kw < 31:
         return False
     if kh * kw <= 49 and x.is_contiguous(memory_format=torch.channels_last):
         return False
     if not training:
-        return 2 * x.shape[-2] * x.shape[-1] >= kh * kw
+        autocast = torch.is_autocast_enabled("cuda")
+        dtype = torch.get_autocast_dtype("cuda") if autocast else x.dtype
+        return dtype != torch.float32 or 2 * x.shape[-2] * x.shape[-1] >= kh * kw
     return True
 
 

@@ -168,6 +168,45 @@ def test_all_directions_match_float64(shape, k, dtype):
     _check_all_directions(shape, k, dtype, "nchw")
 
 
+# Shapes around the formulation boundaries (LKNETS_DWCONV_ALGO forces one where it applies): the
+# tensor-core forward works on blocks of up to 128 output pixels and 64 batch entries and multiplies
+# only the input rows a block reaches; the tensor-core weight gradient takes planes of up to 256
+# pixels (16-padded); by default both are used for planes up to 32x32.
+ALGO_SHAPES = [
+    ((70, 5, 16, 16), (13, 13)),     # largest tensor-core weight-grad plane, two batch blocks
+    ((3, 6, 17, 15), (13, 13)),      # 255-pixel plane: 16-padded to 256
+    ((2, 4, 33, 33), (31, 31)),      # over 32x32: direct by default; weight grad always direct
+    ((2, 3, 40, 37), (7, 7)),        # many column blocks, clipped input-row ranges
+    ((65, 3, 7, 7), (13, 13)),
+    ((2, 3, 12, 30), (3, 29)),
+]
+
+
+@gpu
+@pytest.mark.parametrize("algo", ["direct", "gemm"])
+@pytest.mark.parametrize("shape,k", ALGO_SHAPES, ids=[f"{s}-{k[0]}x{k[1]}" for s, k in ALGO_SHAPES])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_both_formulations_match_float64(shape, k, dtype, algo, monkeypatch):
+    monkeypatch.setenv("LKNETS_DWCONV_ALGO", algo)
+    torch.manual_seed(hash((shape, k)) % 1000)
+    _check_all_directions(shape, k, dtype, "nchw")
+
+
+@gpu
+@pytest.mark.parametrize("layout", ["channels_last", "noncontig"])
+@pytest.mark.parametrize("algo", ["direct", "gemm"])
+def test_both_formulations_read_any_layout(layout, algo, monkeypatch):
+    monkeypatch.setenv("LKNETS_DWCONV_ALGO", algo)
+    _check_all_directions((4, 6, 14, 13), (13, 13), torch.bfloat16, layout)
+
+
+@gpu
+@pytest.mark.parametrize("pad", [(0, 0), (2, 7), (9, 9)])
+def test_gemm_explicit_padding(pad, monkeypatch):
+    monkeypatch.setenv("LKNETS_DWCONV_ALGO", "gemm")
+    _check_all_directions((2, 5, 17, 15), (7, 7), torch.float16, "nchw", pad=pad, bias=False)
+
+
 @gpu
 @pytest.mark.parametrize("layout", ["channels_last", "noncontig"])
 @pytest.mark.parametrize("k", [(31, 31), (51, 5), (13, 13)])
@@ -183,12 +222,13 @@ def test_explicit_padding(pad):
 
 
 @gpu
-def test_weight_grad_is_deterministic():
-    x = torch.randn(16, 32, 28, 28, device="cuda", dtype=torch.bfloat16)
+@pytest.mark.parametrize("size,k", [(28, 29), (14, 27)])  # direct and tensor-core weight grads
+def test_weight_grad_is_deterministic(size, k):
+    x = torch.randn(80, 32, size, size, device="cuda", dtype=torch.bfloat16)
     dy = torch.randn_like(x)
-    first = torch.ops.lknets.dwconv2d_weight_grad(x, dy, 29, 29, 14, 14)
+    first = torch.ops.lknets.dwconv2d_weight_grad(x, dy, k, k, k // 2, k // 2)
     for _ in range(3):
-        assert torch.equal(torch.ops.lknets.dwconv2d_weight_grad(x, dy, 29, 29, 14, 14), first)
+        assert torch.equal(torch.ops.lknets.dwconv2d_weight_grad(x, dy, k, k, k // 2, k // 2), first)
 
 
 @gpu

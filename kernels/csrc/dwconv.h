@@ -28,9 +28,18 @@ cudaError_t launch_forward(DType dtype, const void* x, const float* weight, cons
 // Weight gradient dw[c, i, j] = sum over n, oy, ox of dy[n, c, oy, ox] * x[n, c, oy + i - ph, ox + j - pw].
 // `in` of the shape is x, `out` is dy. It runs in two deterministic passes: per-block partial sums
 // into `workspace` (fp32, weight_grad_workspace_floats() elements), then a fixed-order reduction
-// into `grad_weight` (contiguous (C, kh, kw), of `dtype`).
-int64_t weight_grad_workspace_floats(const ConvShape& shape);
+// into `grad_weight` (contiguous (C, kh, kw), of `dtype`). The GEMM path needs no workspace.
+int64_t weight_grad_workspace_floats(DType dtype, const ConvShape& shape);
 cudaError_t launch_weight_grad(DType dtype, const void* x, const void* grad_out, float* workspace,
                                void* grad_weight, const ConvShape& shape, cudaStream_t stream);
+
+// Tensor-core (GEMM) formulation for fp16 / bf16 (dwconv_gemm.cu); launch_forward and
+// launch_weight_grad choose between it and the direct kernels by shape.
+bool gemm_forward_supported(DType dtype, const ConvShape& shape);
+bool gemm_weight_grad_supported(DType dtype, const ConvShape& shape);
+cudaError_t launch_forward_gemm(DType dtype, const void* x, const float* weight, const float* bias,
+                                void* y, const ConvShape& shape, cudaStream_t stream);
+cudaError_t launch_weight_grad_gemm(DType dtype, const void* x, const void* grad_out,
+                                    void* grad_weight, const ConvShape& shape, cudaStream_t stream);
 
 }  // namespace lknets

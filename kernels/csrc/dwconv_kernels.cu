@@ -17,6 +17,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 
 namespace lknets {
 namespace {
@@ -394,10 +396,55 @@ cudaError_t weight_grad_typed(const void* x, const void* dy, float* workspace, v
   return cudaGetLastError();
 }
 
+enum class Algo { kAuto, kDirect, kGemm };
+
+// LKNETS_DWCONV_ALGO=direct|gemm forces one formulation where it applies (benchmarks, tests);
+// unset or anything else: by shape.
+Algo forced_algo() {
+  const char* v = std::getenv("LKNETS_DWCONV_ALGO");
+  if (v == nullptr) return Algo::kAuto;
+  if (std::strcmp(v, "direct") == 0) return Algo::kDirect;
+  if (std::strcmp(v, "gemm") == 0) return Algo::kGemm;
+  return Algo::kAuto;
+}
+
+// Where the tensor-core formulation measured faster (H100, benchmarks/RESULTS.md): every plane of
+// up to 32x32 pixels; larger planes when stored densely and when the input rows a block of
+// `block_outputs` outputs reaches, times the batch padding to 64 GEMM rows, stay within twice the
+// kernel's taps (the direct kernel's work per output).
+bool gemm_wins(const ConvShape& s, int block_outputs) {
+  if (s.H * s.W <= 32 * 32) return true;
+  const bool dense = s.in_stride[3] == 1 && s.in_stride[2] == s.W && s.out_stride[3] == 1 &&
+                     s.out_stride[2] == s.Wo;
+  if (!dense) return false;
+  const double rows = std::min<double>(s.H, double(block_outputs) / s.Wo + s.kh);
+  const double batch_pad = 64.0 / std::min(s.N, 64);
+  return rows * s.W * batch_pad <= 2.0 * s.kh * s.kw;
+}
+
+bool use_gemm(bool supported, const ConvShape& s, int block_outputs) {
+  if (!supported) return false;
+  switch (forced_algo()) {
+    case Algo::kDirect: return false;
+    case Algo::kGemm: return true;
+    default: return gemm_wins(s, block_outputs);
+  }
+}
+
+bool use_gemm_forward(DType dtype, const ConvShape& s) {
+  return use_gemm(gemm_forward_supported(dtype, s), s, 128);
+}
+
+bool use_gemm_weight_grad(DType dtype, const ConvShape& s) {
+  return use_gemm(gemm_weight_grad_supported(dtype, s), s, 64);
+}
+
 }  // namespace
 
 cudaError_t launch_forward(DType dtype, const void* x, const float* weight, const float* bias,
                            void* y, const ConvShape& shape, cudaStream_t stream) {
+  if (use_gemm_forward(dtype, shape))
+    return launch_forward_gemm(dtype, x, weight, bias, y, shape, stream);
   switch (dtype) {
     case DType::kFloat32: return forward_typed<float>(x, weight, bias, y, shape, stream);
     case DType::kFloat16: return forward_typed<__half>(x, weight, bias, y, shape, stream);
@@ -406,13 +453,16 @@ cudaError_t launch_forward(DType dtype, const void* x, const float* weight, cons
   return cudaErrorInvalidValue;
 }
 
-int64_t weight_grad_workspace_floats(const ConvShape& shape) {
+int64_t weight_grad_workspace_floats(DType dtype, const ConvShape& shape) {
+  if (use_gemm_weight_grad(dtype, shape)) return 0;
   const WeightGradParams p = plan_weight_grad(shape, device_sms());
   return int64_t(num_partials(p)) * shape.C * shape.kh * shape.kw;
 }
 
 cudaError_t launch_weight_grad(DType dtype, const void* x, const void* grad_out, float* workspace,
                                void* grad_weight, const ConvShape& shape, cudaStream_t stream) {
+  if (use_gemm_weight_grad(dtype, shape))
+    return launch_weight_grad_gemm(dtype, x, grad_out, grad_weight, shape, stream);
   switch (dtype) {
     case DType::kFloat32:
       return weight_grad_typed<float>(x, grad_out, workspace, grad_weight, shape, stream);

@@ -164,7 +164,7 @@ at::Tensor weight_grad(const at::Tensor& x, const at::Tensor& grad_out, int64_t 
     const at::Tensor g_v = transpose ? grad_out.transpose(2, 3) : grad_out;
     const ConvShape s = transpose ? make_shape(x_v, g_v, kw, kh, pad_w, pad_h)
                                   : make_shape(x_v, g_v, kh, kw, pad_h, pad_w);
-    at::Tensor workspace = at::empty({weight_grad_workspace_floats(s)}, x.options().dtype(at::kFloat));
+    at::Tensor workspace = at::empty({weight_grad_workspace_floats(dtype_of(x), s)}, x.options().dtype(at::kFloat));
     check_launch(launch_weight_grad(dtype_of(x), x_v.data_ptr(), g_v.data_ptr(),
                                     workspace.data_ptr<float>(), grad_w.data_ptr(), s,
                                     c10::cuda::getCurrentCUDAStream().stream()),
