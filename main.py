@@ -343,6 +343,11 @@ def build_masking(args, model_without_ddp, optimizer, loss_scaler, train_loader,
     return masking
 
 
+def ema_device(model_ema: ModelEmaV2) -> torch.device:
+    """Where the EMA copy lives: the CPU with --model_ema_force_cpu, else the model's device."""
+    return next(model_ema.module.parameters()).device
+
+
 def run_eval(args, model, model_without_ddp, model_ema, val_loader, device, amp_dtype):
     if args.with_small_kernel_merged:
         models.reparameterize_model(model_without_ddp)
@@ -352,7 +357,8 @@ def run_eval(args, model, model_without_ddp, model_ema, val_loader, device, amp_
     if model_ema is not None and args.model_ema_eval:
         if args.with_small_kernel_merged:
             models.reparameterize_model(model_ema.module)
-        ema_stats = evaluate(val_loader, model_ema.module, device, amp_dtype, header="Test (EMA):")
+        ema_stats = evaluate(val_loader, model_ema.module, ema_device(model_ema), amp_dtype,
+                             header="Test (EMA):")
         print(f"Accuracy of the model EMA on the test images: {ema_stats['acc1']:.5f}%")
         stats.update({f"{k}_ema": v for k, v in ema_stats.items()})
     return stats
@@ -433,7 +439,7 @@ def train(args, model, model_without_ddp, model_ema, optimizer, loss_scaler, tra
                 log_writer.update(head="perf", step=epoch, test_acc1=test_stats["acc1"],
                                   test_acc5=test_stats["acc5"], test_loss=test_stats["loss"])
             if model_ema is not None and args.model_ema_eval:
-                ema_stats = evaluate(val_loader, model_ema.module, device, amp_dtype,
+                ema_stats = evaluate(val_loader, model_ema.module, ema_device(model_ema), amp_dtype,
                                      header="Test (EMA):")
                 if ema_stats["acc1"] > max_accuracy_ema:
                     max_accuracy_ema = ema_stats["acc1"]

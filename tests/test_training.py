@@ -168,3 +168,22 @@ def test_resume_trims_the_log_and_keeps_the_best_accuracy(trained, tmp_path):
     again = torch.load(copy / "checkpoint-best.pth", map_location="cpu", weights_only=False)
     for key, value in best["model"].items():
         assert torch.equal(again["model"][key], value), key
+
+
+def test_eval_of_a_raw_state_dict_release_file(trained, tmp_path):
+    """Upstream releases are often bare state dicts (no 'model' key, no epoch)."""
+    out, _, _ = trained
+    ckpt = torch.load(out / "checkpoint-1.pth", map_location="cpu", weights_only=False)
+    raw = tmp_path / "release.pth"
+    torch.save({"module." + k: v for k, v in ckpt["model"].items()}, raw)
+    stats = run(FAST + ["--eval", "true", "--resume", str(raw)])
+    assert stats["acc1"] == pytest.approx(read_log(out)[1]["test_acc1"], abs=1e-9)
+
+
+def test_ema_forced_to_cpu_trains_and_evaluates(tmp_path):
+    stats = run(FAST + ["--epochs", "1", "--train_subset", "320", "--model_ema", "true",
+                        "--model_ema_force_cpu", "true", "--model_ema_eval", "true",
+                        "--mixup", "0", "--cutmix", "0", "--output_dir", str(tmp_path)])
+    assert 0 < stats["test_acc1_ema"] <= 100
+    ckpt = torch.load(tmp_path / "checkpoint-0.pth", map_location="cpu", weights_only=False)
+    assert ckpt["model_ema"].keys() == ckpt["model"].keys()
