@@ -173,3 +173,10 @@ def test_a_requeue_signal_during_a_checkpoint_write_waits_for_the_file(tmp_path)
         signal.signal(signal.SIGUSR2, previous)
     assert received == [signal.SIGUSR2]  # delivered once the file was complete
     assert torch.equal(torch.load(tmp_path / "checkpoint-0.pth")["w"], torch.ones(3))
+
+
+def test_only_the_newest_save_ckpt_num_checkpoints_are_kept(tmp_path):
+    assert lk_main.cli(BASE + ["--epochs", "4", "--save_ckpt_num", "2", "--disable_eval", "true",
+                               "--output_dir", str(tmp_path)]) == 0
+    assert sorted(p for p in os.listdir(tmp_path) if p.endswith(".pth")) == [
+        "checkpoint-2.pth", "checkpoint-3.pth"]
