@@ -4,6 +4,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import models
+from models import reparameterize_model
 from models.layers import DepthwiseConv2d
 from models.reparam import (ConvBN, depthwise_conv_from, dilate_kernel, fuse_bn, linear_from,
                             merge_kernels, pad_kernel_to)
@@ -152,3 +154,32 @@ def perturb_(model: nn.Module, seed: int = 0) -> nn.Module:
         elif leaf in ("gamma", "beta"):  # GRN
             fill(param, -0.5, 0.5)
     return model
+
+
+def key_shapes(model: nn.Module) -> dict:
+    """{state_dict key: shape} as in the committed upstream snapshots. (Shared.)"""
+    return {k: list(v.shape) for k, v in model.state_dict().items()}
+
+
+def reparam_equivalence(model: nn.Module, dtype, in_chans: int = 3, size: int = 64):
+    """Logits of a perturbed ``model`` in eval mode before and after reparameterize_model, on one
+    random batch: (before, after, model, x). (Shared with the family tests.)"""
+    torch.manual_seed(0)
+    model = perturb_(model).to(dtype).eval()
+    x = torch.randn(2, in_chans, size, size, dtype=dtype)
+    with torch.no_grad():
+        before = model(x)
+        reparameterize_model(model)
+        after = model(x)
+    return before, after, model, x
+
+
+def assert_param_counts(name: str, upstream: dict, params_m: dict) -> None:
+    """Training and deploy parameter counts of ``name`` equal upstream's, exactly and in M."""
+    with torch.device("meta"):
+        train = models.create_model(name)
+        deploy = models.create_model(name, deploy=True)
+    n_train = sum(p.numel() for p in train.parameters())
+    n_deploy = sum(p.numel() for p in deploy.parameters())
+    assert [n_train, n_deploy] == upstream[name]["params"]
+    assert (round(n_train / 1e6, 2), round(n_deploy / 1e6, 2)) == params_m[name]

@@ -11,7 +11,8 @@ from models import create_model, get_family, list_models, reparameterize_model
 from models.layers import DepthwiseConv2d
 from models.replknet import ReparamLargeKernelConv, RepLKBlock, RepLKNet, replknet_layer_id
 from optim_factory import get_parameter_groups, layer_scales
-from test_reparam import perturb_
+from test_reparam import (assert_param_counts, key_shapes, perturb_, reparam_equivalence,
+                          rel_err)
 from tools.count import count
 
 SNAPSHOT = os.path.join(os.path.dirname(__file__), "snapshots", "replknet.json")
@@ -28,14 +29,6 @@ PAPER_GFLOPS = {("RepLKNet-31B", 224): 15.3, ("RepLKNet-31B", 384): 45.1,
 
 # A scaled-down RepLKNet for numerics: every block type, four stages, stride-32 layout.
 SMALL = dict(large_kernel_sizes=(13, 11, 9, 7), layers=(1, 1, 2, 1), channels=(8, 16, 16, 24))
-
-
-def key_shapes(model: nn.Module):
-    return {k: list(v.shape) for k, v in model.state_dict().items()}
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def test_registry_names_and_family():
@@ -62,12 +55,7 @@ def test_state_dict_keys_and_shapes_equal_upstream(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_parameter_counts_equal_upstream(name):
-    with torch.device("meta"):
-        train, deploy = create_model(name), create_model(name, deploy=True)
-    n_train = sum(p.numel() for p in train.parameters())
-    n_deploy = sum(p.numel() for p in deploy.parameters())
-    assert [n_train, n_deploy] == UPSTREAM[name]["params"]
-    assert (round(n_train / 1e6, 2), round(n_deploy / 1e6, 2)) == PARAMS_M[name]
+    assert_param_counts(name, UPSTREAM, PARAMS_M)
 
 
 @pytest.mark.parametrize("name,size", sorted(PAPER_GFLOPS))
@@ -91,22 +79,11 @@ def test_every_large_kernel_goes_through_the_shared_depthwise_entry_point():
     assert len(merged) == 24 and all(type(c) is DepthwiseConv2d for c in merged)
 
 
-def _equivalence(model: nn.Module, dtype, size: int = 64):
-    torch.manual_seed(0)
-    model = perturb_(model).to(dtype).eval()
-    x = torch.randn(2, 3, size, size, dtype=dtype)
-    with torch.no_grad():
-        before = model(x)
-        reparameterize_model(model)
-        after = model(x)
-    return before, after, model
-
-
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
 @pytest.mark.parametrize("small_kernel,dw_ratio", [(5, 1.0), (None, 1.5), (3, 2.0)])
 def test_reparameterized_network_computes_the_same_logits(dtype, tol, small_kernel, dw_ratio):
     model = RepLKNet(**SMALL, small_kernel=small_kernel, dw_ratio=dw_ratio, num_classes=10)
-    before, after, model = _equivalence(model, dtype)
+    before, after, model, _ = reparam_equivalence(model, dtype)
     assert before.dtype == dtype and before.abs().max() > 0.1
     assert not any(hasattr(m, "lkb_origin") or hasattr(m, "small_conv") for m in model.modules())
     assert rel_err(after, before) < tol

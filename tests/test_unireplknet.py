@@ -14,7 +14,8 @@ from models.layers import DepthwiseConv2d
 from models.unireplknet import (DILATED_BRANCHES, GRN, DilatedReparamBlock, UniRepLKNet,
                                 UniRepLKNetBlock)
 from optim_factory import get_parameter_groups, layer_scales
-from test_reparam import perturb_
+from test_reparam import (assert_param_counts, key_shapes, perturb_, reparam_equivalence,
+                          rel_err)
 from tools.count import count
 from tools.reparameterize import main as reparameterize_main
 
@@ -35,14 +36,6 @@ PAPER_GFLOPS = {("unireplknet_a", 224): 0.6, ("unireplknet_n", 224): 2.8,
                 ("unireplknet_b", 384): 47.2}
 SMALL = dict(depths=(1, 1, 2, 1), dims=(16, 32, 32, 48),
              kernel_sizes=((17,), (15,), (11, 3), (7,)))
-
-
-def key_shapes(model: nn.Module):
-    return {k: list(v.shape) for k, v in model.state_dict().items()}
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def test_registry_names_and_family():
@@ -67,12 +60,7 @@ def test_state_dict_keys_and_shapes_equal_upstream(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_parameter_counts_equal_upstream(name):
-    with torch.device("meta"):
-        train, deploy = create_model(name), create_model(name, deploy=True)
-    n_train = sum(p.numel() for p in train.parameters())
-    n_deploy = sum(p.numel() for p in deploy.parameters())
-    assert [n_train, n_deploy] == UPSTREAM[name]["params"]
-    assert (round(n_train / 1e6, 2), round(n_deploy / 1e6, 2)) == PARAMS_M[name]
+    assert_param_counts(name, UPSTREAM, PARAMS_M)
 
 
 @pytest.mark.parametrize("name,size", sorted(PAPER_GFLOPS))
@@ -97,20 +85,10 @@ def test_large_kernels_use_the_shared_entry_point_and_branches_are_dilated_convs
         assert all(type(m) is nn.Conv2d for m in dilated)
 
 
-def _equivalence(model: nn.Module, dtype, size: int = 64):
-    torch.manual_seed(0)
-    model = perturb_(model).to(dtype).eval()
-    x = torch.randn(2, model.downsample_layers[0][0].in_channels, size, size, dtype=dtype)
-    with torch.no_grad():
-        before = model(x)
-        reparameterize_model(model)
-        after = model(x)
-    return before, after, model, x
-
-
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
 def test_reparameterized_unireplknet_a_computes_the_same_logits_and_loads_strictly(dtype, tol):
-    before, after, model, x = _equivalence(create_model("unireplknet_a", num_classes=10), dtype)
+    before, after, model, x = reparam_equivalence(
+        create_model("unireplknet_a", num_classes=10), dtype)
     assert before.dtype == dtype and before.std() > 0.1
     assert rel_err(after, before) < tol
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
@@ -124,7 +102,8 @@ def test_reparameterized_unireplknet_a_computes_the_same_logits_and_loads_strict
 
 def test_every_branch_table_and_small_kernels_reparameterize_exactly():
     # Kernel sizes 17, 15, 11, 9 and 7 are not in any released model; 0 means no dwconv.
-    before, after, _, _ = _equivalence(UniRepLKNet(**SMALL, num_classes=5), torch.float64, 96)
+    before, after, _, _ = reparam_equivalence(UniRepLKNet(**SMALL, num_classes=5),
+                                              torch.float64, size=96)
     assert rel_err(after, before) < 1e-10
     for k in (0, 3, 5, 9):
         torch.manual_seed(k)
@@ -166,7 +145,8 @@ def test_block_reparameterize_folds_scale_even_without_grn_bias():
 def test_timm_reparameterize_model_works_too():
     # timm visits parents before children; the block merges its own dilated branches first.
     from timm.utils import reparameterize_model as timm_reparameterize
-    before, _, _, x = _equivalence(UniRepLKNet(**SMALL, num_classes=5), torch.float64, 96)
+    before, _, _, x = reparam_equivalence(UniRepLKNet(**SMALL, num_classes=5), torch.float64,
+                                          size=96)
     model = perturb_(UniRepLKNet(**SMALL, num_classes=5)).double().eval()
     with torch.no_grad():
         y = model(x)
