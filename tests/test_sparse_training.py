@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-import main as lk_main
+from test_training import run, run_killed_in_epoch
 
 SPARSE = ["--model", "SLaK_tiny", "--kernel_size", "7", "7", "7", "7", "3", "--Decom", "true",
           "--width_factor", "0.25", "--device", "cpu", "--input_size", "32", "--batch_size", "16",
@@ -10,10 +10,6 @@ SPARSE = ["--model", "SLaK_tiny", "--kernel_size", "7", "7", "7", "7", "3", "--D
           "--train_subset", "64", "--eval_subset", "32", "--warmup_epochs", "0", "--epochs", "2",
           "--sparse", "--sparsity", "0.5", "--sparse_init", "snip", "-u", "2",
           "--prune_rate", "0.3", "--model_ema", "true", "--model_ema_decay", "0.5"]
-
-
-def run(argv):
-    return lk_main.main(lk_main.get_args_parser().parse_args(argv))
 
 
 def load(path):
@@ -46,17 +42,7 @@ def test_resume_restores_masks_and_matches_uninterrupted(sparse_run, tmp_path, m
                                                          capsys):
     out, _ = sparse_run
     resumed = tmp_path / "resumed"
-    real_train = lk_main.train_one_epoch
-
-    def crash_in_epoch_1(*args, **kwargs):
-        if args[5] == 1:
-            raise KeyboardInterrupt("simulated kill")
-        return real_train(*args, **kwargs)
-
-    monkeypatch.setattr(lk_main, "train_one_epoch", crash_in_epoch_1)
-    with pytest.raises(KeyboardInterrupt):
-        run(SPARSE + ["--output_dir", str(resumed)])
-    monkeypatch.setattr(lk_main, "train_one_epoch", real_train)
+    run_killed_in_epoch(SPARSE + ["--output_dir", str(resumed)], 1, monkeypatch)
     capsys.readouterr()
     run(SPARSE + ["--output_dir", str(resumed)])
     assert "Restored" in capsys.readouterr().out

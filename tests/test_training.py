@@ -20,6 +20,22 @@ def run(argv):
     return lk_main.main(args)
 
 
+def run_killed_in_epoch(argv, epoch, monkeypatch):
+    """main.py's command line, killed as it starts training ``epoch`` (after the checkpoints of
+    the epochs before it were written)."""
+    real_train = lk_main.train_one_epoch
+
+    def crash(*args, **kwargs):
+        if args[5] == epoch:
+            raise KeyboardInterrupt(f"simulated kill during epoch {epoch}")
+        return real_train(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(lk_main, "train_one_epoch", crash)
+        with pytest.raises(KeyboardInterrupt):
+            run(argv)
+
+
 def read_log(output_dir):
     with open(os.path.join(output_dir, "log.txt")) as f:
         return [json.loads(line) for line in f]
@@ -92,17 +108,7 @@ def test_auto_resume_after_a_crash_matches_uninterrupted_run(trained, tmp_path, 
     argv = [a if a != str(out) else str(resumed) for a in argv]
     argv = [a if a != str(out / "tb") else str(resumed / "tb") for a in argv]
 
-    real_train = engine.train_one_epoch
-
-    def crash_in_epoch_2(*args, **kwargs):
-        if args[5] == 2:
-            raise KeyboardInterrupt("simulated kill during epoch 2")
-        return real_train(*args, **kwargs)
-
-    monkeypatch.setattr(lk_main, "train_one_epoch", crash_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        run(argv)
-    monkeypatch.setattr(lk_main, "train_one_epoch", real_train)
+    run_killed_in_epoch(argv, 2, monkeypatch)
     assert sorted(os.listdir(resumed)) == sorted(
         ["checkpoint-0.pth", "checkpoint-1.pth", "checkpoint-best.pth",
          "checkpoint-best-ema.pth", "log.txt", "tb"])
