@@ -202,7 +202,7 @@ def build_transform(is_train: bool, args: argparse.Namespace) -> Callable:
             transform.transforms[0] = transforms.RandomCrop(args.input_size, padding=4)
         return transform
 
-    size = args.test_size if getattr(args, "test_size", -1) > 0 else args.input_size
+    size = args.test_size if args.test_size > 0 else args.input_size
     steps: List[Callable] = []
     if not cifar_sized:
         if args.input_size >= 384:
