@@ -169,9 +169,11 @@ def test_all_directions_match_float64(shape, k, dtype):
 
 
 # Shapes around the formulation boundaries (LKNETS_DWCONV_ALGO forces one where it applies): the
-# tensor-core forward works on blocks of up to 128 output pixels and 64 batch entries and multiplies
-# only the input rows a block reaches; the tensor-core weight gradient takes planes of up to 256
-# pixels (16-padded); by default both are used for planes up to 32x32.
+# plane-GEMM forward works on blocks of up to 128 output pixels and 64 batch entries and multiplies
+# only the input rows a block reaches; the plane-GEMM weight gradient takes planes of up to 256
+# pixels (16-padded; "gemm" runs the row-Toeplitz GEMM beyond that). The row-Toeplitz GEMM tiles
+# outputs in blocks of up to 64 x 64 and skips band tiles and padding rows; 16-bit planes over 32x32
+# use it by default.
 ALGO_SHAPES = [
     ((70, 5, 16, 16), (13, 13)),     # largest tensor-core weight-grad plane, two batch blocks
     ((3, 6, 17, 15), (13, 13)),      # 255-pixel plane: 16-padded to 256
@@ -179,11 +181,13 @@ ALGO_SHAPES = [
     ((2, 3, 40, 37), (7, 7)),        # many column blocks, clipped input-row ranges
     ((65, 3, 7, 7), (13, 13)),
     ((2, 3, 12, 30), (3, 29)),
+    ((9, 3, 130, 67), (5, 63)),      # three row tiles and two column tiles, images split in blocks
+    ((3, 2, 21, 100), (1, 31)),
 ]
 
 
 @gpu
-@pytest.mark.parametrize("algo", ["direct", "gemm"])
+@pytest.mark.parametrize("algo", ["direct", "gemm", "rows"])
 @pytest.mark.parametrize("shape,k", ALGO_SHAPES, ids=[f"{s}-{k[0]}x{k[1]}" for s, k in ALGO_SHAPES])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_both_formulations_match_float64(shape, k, dtype, algo, monkeypatch):
@@ -194,16 +198,17 @@ def test_both_formulations_match_float64(shape, k, dtype, algo, monkeypatch):
 
 @gpu
 @pytest.mark.parametrize("layout", ["channels_last", "noncontig"])
-@pytest.mark.parametrize("algo", ["direct", "gemm"])
+@pytest.mark.parametrize("algo", ["direct", "gemm", "rows"])
 def test_both_formulations_read_any_layout(layout, algo, monkeypatch):
     monkeypatch.setenv("LKNETS_DWCONV_ALGO", algo)
     _check_all_directions((4, 6, 14, 13), (13, 13), torch.bfloat16, layout)
 
 
 @gpu
+@pytest.mark.parametrize("algo", ["gemm", "rows"])
 @pytest.mark.parametrize("pad", [(0, 0), (2, 7), (9, 9)])
-def test_gemm_explicit_padding(pad, monkeypatch):
-    monkeypatch.setenv("LKNETS_DWCONV_ALGO", "gemm")
+def test_tensor_core_explicit_padding(pad, algo, monkeypatch):
+    monkeypatch.setenv("LKNETS_DWCONV_ALGO", algo)
     _check_all_directions((2, 5, 17, 15), (7, 7), torch.float16, "nchw", pad=pad, bias=False)
 
 
@@ -222,9 +227,12 @@ def test_explicit_padding(pad):
 
 
 @gpu
-@pytest.mark.parametrize("size,k", [(28, 29), (14, 27)])  # direct and tensor-core weight grads
-def test_weight_grad_is_deterministic(size, k):
-    x = torch.randn(80, 32, size, size, device="cuda", dtype=torch.bfloat16)
+@pytest.mark.parametrize("size,k,dtype", [(28, 29, torch.bfloat16),  # row-Toeplitz GEMM
+                                          (14, 27, torch.bfloat16),  # plane GEMM
+                                          (28, 29, torch.float32)],  # direct kernel
+                         ids=["rows", "gemm", "direct"])
+def test_weight_grad_is_deterministic(size, k, dtype):
+    x = torch.randn(80, 32, size, size, device="cuda", dtype=dtype)
     dy = torch.randn_like(x)
     first = torch.ops.lknets.dwconv2d_weight_grad(x, dy, k, k, k // 2, k // 2)
     for _ in range(3):

@@ -42,4 +42,19 @@ cudaError_t launch_forward_gemm(DType dtype, const void* x, const float* weight,
 cudaError_t launch_weight_grad_gemm(DType dtype, const void* x, const void* grad_out,
                                     void* grad_weight, const ConvShape& shape, cudaStream_t stream);
 
+// Row-Toeplitz tensor-core formulation for fp16 / bf16 (dwconv_rows.cu): one GEMM per kernel row,
+// for planes too large for the plane GEMM. Its weight gradient reduces per-block partial sums from
+// `workspace` (rows_weight_grad_workspace_floats() floats) in a fixed order.
+bool rows_supported(DType dtype, const ConvShape& shape);
+int64_t rows_weight_grad_workspace_floats(const ConvShape& shape, int num_sms);
+cudaError_t launch_forward_rows(DType dtype, const void* x, const float* weight, const float* bias,
+                                void* y, const ConvShape& shape, cudaStream_t stream);
+cudaError_t launch_weight_grad_rows(DType dtype, const void* x, const void* grad_out,
+                                    float* workspace, void* grad_weight, const ConvShape& shape,
+                                    int num_sms, cudaStream_t stream);
+
+// out[i] = sum over k < num_partials of partials[k * count + i], in that order, cast to `dtype`.
+cudaError_t launch_reduce_partials(DType dtype, const float* partials, int num_partials,
+                                   int64_t count, void* out, cudaStream_t stream);
+
 }  // namespace lknets

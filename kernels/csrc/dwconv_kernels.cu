@@ -378,6 +378,15 @@ cudaError_t forward_typed(const void* x, const float* weight, const float* bias,
 }
 
 template <typename T>
+constexpr DType dtype_of();
+template <>
+constexpr DType dtype_of<float>() { return DType::kFloat32; }
+template <>
+constexpr DType dtype_of<__half>() { return DType::kFloat16; }
+template <>
+constexpr DType dtype_of<__nv_bfloat16>() { return DType::kBFloat16; }
+
+template <typename T>
 cudaError_t weight_grad_typed(const void* x, const void* dy, float* workspace, void* dw,
                               const ConvShape& s, cudaStream_t stream) {
   const WeightGradParams p = plan_weight_grad(s, device_sms());
@@ -389,62 +398,51 @@ cudaError_t weight_grad_typed(const void* x, const void* dy, float* workspace, v
       static_cast<const T*>(x), static_cast<const T*>(dy), workspace, p);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  const int64_t count = int64_t(s.C) * s.kh * s.kw;
-  const int block = 256;
-  reduce_partials_kernel<T><<<static_cast<unsigned>((count + block - 1) / block), block, 0, stream>>>(
-      workspace, num_partials(p), count, static_cast<T*>(dw));
-  return cudaGetLastError();
+  return launch_reduce_partials(dtype_of<T>(), workspace, num_partials(p),
+                                int64_t(s.C) * s.kh * s.kw, dw, stream);
 }
 
-enum class Algo { kAuto, kDirect, kGemm };
+enum class Algo { kAuto, kDirect, kGemm, kRows };
 
-// LKNETS_DWCONV_ALGO=direct|gemm forces one formulation where it applies (benchmarks, tests);
+// LKNETS_DWCONV_ALGO=direct|gemm|rows forces one formulation where it applies (benchmarks, tests);
 // unset or anything else: by shape.
 Algo forced_algo() {
   const char* v = std::getenv("LKNETS_DWCONV_ALGO");
   if (v == nullptr) return Algo::kAuto;
   if (std::strcmp(v, "direct") == 0) return Algo::kDirect;
   if (std::strcmp(v, "gemm") == 0) return Algo::kGemm;
+  if (std::strcmp(v, "rows") == 0) return Algo::kRows;
   return Algo::kAuto;
 }
 
-// Where the tensor-core formulation measured faster (H100, benchmarks/RESULTS.md): every plane of
-// up to 32x32 pixels; larger planes when stored densely and when the input rows a block of
-// `block_outputs` outputs reaches, times the batch padding to 64 GEMM rows, stay within twice the
-// kernel's taps (the direct kernel's work per output).
-bool gemm_wins(const ConvShape& s, int block_outputs) {
-  if (s.H * s.W <= 32 * 32) return true;
-  const bool dense = s.in_stride[3] == 1 && s.in_stride[2] == s.W && s.out_stride[3] == 1 &&
-                     s.out_stride[2] == s.Wo;
-  if (!dense) return false;
-  const double rows = std::min<double>(s.H, double(block_outputs) / s.Wo + s.kh);
-  const double batch_pad = 64.0 / std::min(s.N, 64);
-  return rows * s.W * batch_pad <= 2.0 * s.kh * s.kw;
+// fp32 always runs the direct kernels (the tensor-core paths take 16-bit operands). For fp16 /
+// bf16 the plane GEMM takes planes of up to 256 pixels (16x16) and the row-Toeplitz GEMM larger
+// ones, which is where each measured fastest (H100, benchmarks/RESULTS.md).
+Algo choose(DType dtype, const ConvShape& s, bool plane_gemm_supported) {
+  if (dtype == DType::kFloat32) return Algo::kDirect;
+  const Algo forced = forced_algo();
+  if (forced == Algo::kGemm && !plane_gemm_supported) return Algo::kRows;
+  if (forced != Algo::kAuto) return forced;
+  return plane_gemm_supported && s.H * s.W <= 16 * 16 ? Algo::kGemm : Algo::kRows;
 }
 
-bool use_gemm(bool supported, const ConvShape& s, int block_outputs) {
-  if (!supported) return false;
-  switch (forced_algo()) {
-    case Algo::kDirect: return false;
-    case Algo::kGemm: return true;
-    default: return gemm_wins(s, block_outputs);
-  }
+Algo choose_forward(DType dtype, const ConvShape& s) {
+  return choose(dtype, s, gemm_forward_supported(dtype, s));
 }
 
-bool use_gemm_forward(DType dtype, const ConvShape& s) {
-  return use_gemm(gemm_forward_supported(dtype, s), s, 128);
-}
-
-bool use_gemm_weight_grad(DType dtype, const ConvShape& s) {
-  return use_gemm(gemm_weight_grad_supported(dtype, s), s, 64);
+Algo choose_weight_grad(DType dtype, const ConvShape& s) {
+  return choose(dtype, s, gemm_weight_grad_supported(dtype, s));
 }
 
 }  // namespace
 
 cudaError_t launch_forward(DType dtype, const void* x, const float* weight, const float* bias,
                            void* y, const ConvShape& shape, cudaStream_t stream) {
-  if (use_gemm_forward(dtype, shape))
-    return launch_forward_gemm(dtype, x, weight, bias, y, shape, stream);
+  switch (choose_forward(dtype, shape)) {
+    case Algo::kGemm: return launch_forward_gemm(dtype, x, weight, bias, y, shape, stream);
+    case Algo::kRows: return launch_forward_rows(dtype, x, weight, bias, y, shape, stream);
+    default: break;
+  }
   switch (dtype) {
     case DType::kFloat32: return forward_typed<float>(x, weight, bias, y, shape, stream);
     case DType::kFloat16: return forward_typed<__half>(x, weight, bias, y, shape, stream);
@@ -454,15 +452,25 @@ cudaError_t launch_forward(DType dtype, const void* x, const float* weight, cons
 }
 
 int64_t weight_grad_workspace_floats(DType dtype, const ConvShape& shape) {
-  if (use_gemm_weight_grad(dtype, shape)) return 0;
+  switch (choose_weight_grad(dtype, shape)) {
+    case Algo::kGemm: return 0;
+    case Algo::kRows: return rows_weight_grad_workspace_floats(shape, device_sms());
+    default: break;
+  }
   const WeightGradParams p = plan_weight_grad(shape, device_sms());
   return int64_t(num_partials(p)) * shape.C * shape.kh * shape.kw;
 }
 
 cudaError_t launch_weight_grad(DType dtype, const void* x, const void* grad_out, float* workspace,
                                void* grad_weight, const ConvShape& shape, cudaStream_t stream) {
-  if (use_gemm_weight_grad(dtype, shape))
-    return launch_weight_grad_gemm(dtype, x, grad_out, grad_weight, shape, stream);
+  switch (choose_weight_grad(dtype, shape)) {
+    case Algo::kGemm:
+      return launch_weight_grad_gemm(dtype, x, grad_out, grad_weight, shape, stream);
+    case Algo::kRows:
+      return launch_weight_grad_rows(dtype, x, grad_out, workspace, grad_weight, shape,
+                                     device_sms(), stream);
+    default: break;
+  }
   switch (dtype) {
     case DType::kFloat32:
       return weight_grad_typed<float>(x, grad_out, workspace, grad_weight, shape, stream);
@@ -472,6 +480,27 @@ cudaError_t launch_weight_grad(DType dtype, const void* x, const void* grad_out,
       return weight_grad_typed<__nv_bfloat16>(x, grad_out, workspace, grad_weight, shape, stream);
   }
   return cudaErrorInvalidValue;
+}
+
+cudaError_t launch_reduce_partials(DType dtype, const float* partials, int num_partials,
+                                   int64_t count, void* out, cudaStream_t stream) {
+  const int block = 256;
+  const unsigned grid = static_cast<unsigned>((count + block - 1) / block);
+  switch (dtype) {
+    case DType::kFloat32:
+      reduce_partials_kernel<float><<<grid, block, 0, stream>>>(partials, num_partials, count,
+                                                                static_cast<float*>(out));
+      break;
+    case DType::kFloat16:
+      reduce_partials_kernel<__half><<<grid, block, 0, stream>>>(partials, num_partials, count,
+                                                                 static_cast<__half*>(out));
+      break;
+    case DType::kBFloat16:
+      reduce_partials_kernel<__nv_bfloat16><<<grid, block, 0, stream>>>(
+          partials, num_partials, count, static_cast<__nv_bfloat16*>(out));
+      break;
+  }
+  return cudaGetLastError();
 }
 
 }  // namespace lknets

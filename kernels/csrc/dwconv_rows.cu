@@ -1,0 +1,546 @@
+// Row-Toeplitz tensor-core formulation for fp16 / bf16: one matrix product per kernel row.
+//
+// For kernel row i, out[n][oy][:] += x[n][oy + i - ph][:] T_i with T_i[qx][ox] = K[i][qx - ox + pw]
+// (zero off the band): the output rows of a few images are the GEMM's M, the output columns its N
+// and the input columns its K. A block owns one channel, a tile of output rows and columns and a
+// few images; it stages their input rows in shared memory once and, per kernel row, only moves
+// where its A operand starts, so the input is read from global memory once per block. A 16x16
+// tile of T_i depends only on the difference of its row and column tile indices, so per kernel row
+// only (K tiles + N tiles - 1) tiles are built; tiles wholly off the band, and output-row tiles
+// whose input rows lie in the zero padding, are skipped.
+// The weight gradient is the same product transposed: G_i = dy^T x_i (output columns x input
+// columns, summed over the block's images and rows), then dw[i][j] = sum over ox of
+// G_i[ox][ox + j - pw], a fixed-order sum of G_i's diagonals. Per-block partial sums are reduced
+// in a fixed order afterwards, so the result is deterministic.
+// The MMAs are mma.sync m16n8k16 with fp32 accumulation fed by ldmatrix (sm_80 and later).
+#include "dwconv.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <algorithm>
+#include <type_traits>
+
+namespace lknets {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kMaxCols = 64;        // output columns per block: at most 4 N tiles
+constexpr int kMaxRows = 64;        // output rows per block and image
+constexpr int kTilePitch = 24;      // Toeplitz tiles: 16 rows of 24 elements (no bank conflicts)
+constexpr int kTileElems = 16 * kTilePitch;
+constexpr int kKernelPad = 32;      // zeros each side of a staged kernel row
+constexpr int kMTilesPerWarp = 2;   // forward: output row tiles per warp
+constexpr int kGradTilesPerWarp = 4;  // weight grad: G tiles per warp (64 x 128 over 8 warps)
+constexpr int kSmemBudget = 110 * 1024;
+
+__host__ __device__ inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
+__host__ __device__ inline int round_up(int a, int b) { return ceil_div(a, b) * b; }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+template <typename T>
+__device__ __forceinline__ unsigned short bits_of(T v) {
+  return *reinterpret_cast<const unsigned short*>(&v);
+}
+
+__device__ __forceinline__ unsigned smem_addr(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+// Four 8x8 16-bit matrices; lane l gives the address of row l % 8 of matrix l / 8.
+__device__ __forceinline__ void ldsm_x4(unsigned (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+__device__ __forceinline__ void ldsm_x4_trans(unsigned (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+// d += a (16x16, row major) * b (16x8, column major), fp32 accumulation.
+template <typename T>
+__device__ __forceinline__ void mma(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+  if constexpr (std::is_same<T, __half>::value) {
+    asm(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// Offset of this lane's ldmatrix row in a 16x16 tile stored row major with pitch `ld`, for
+// operands whose fragment rows are the stored rows (A of a row-major M x K tile, or B via .trans
+// from a K x N tile): matrices (rows 0-7 | 8-15) x (columns 0-7 | 8-15), rows first.
+__device__ __forceinline__ int lane_offset(int lane, int ld) {
+  return (lane % 16) * ld + (lane / 16) * 8;
+}
+
+// Same for an A operand stored K x M (read with .trans): matrices ordered columns first.
+__device__ __forceinline__ int lane_offset_transposed_a(int lane, int ld) {
+  return ((lane / 16) * 8 + lane % 8) * ld + ((lane / 8) % 2) * 8;
+}
+
+// dst[r][k] = plane[(row0 + r) * rs + (col0 + k) * cs] for r < rows, k < cols, zero outside
+// [0, h) x [0, w) or when !valid. Lanes walk whichever of the two axes is contiguous in memory.
+template <typename T>
+__device__ __forceinline__ void stage_tile(T* dst, int ld, int rows, int cols, const T* plane,
+                                          int64_t rs, int64_t cs, int row0, int col0, int h, int w,
+                                          bool valid) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const T zero = from_float<T>(0.f);
+  if (cs == 1 || rs != 1) {
+    for (int r = warp; r < rows; r += kWarps) {
+      const int y = row0 + r;
+      const bool row_ok = valid && y >= 0 && y < h;
+      for (int k = lane; k < cols; k += 32) {
+        const int xq = col0 + k;
+        dst[r * ld + k] = (row_ok && xq >= 0 && xq < w) ? plane[y * rs + xq * cs] : zero;
+      }
+    }
+  } else {
+    for (int k = warp; k < cols; k += kWarps) {
+      const int xq = col0 + k;
+      const bool col_ok = valid && xq >= 0 && xq < w;
+      for (int r = lane; r < rows; r += 32) {
+        const int y = row0 + r;
+        dst[r * ld + k] = (col_ok && y >= 0 && y < h) ? plane[y * rs + xq * cs] : zero;
+      }
+    }
+  }
+}
+
+struct RowsPlan {
+  ConvShape s;
+  int cols, col_tiles;    // output columns per block (multiple of 16, <= 64) and tiles across Wo
+  int rows, row_tiles;    // output rows per block and image (multiple of 16, <= 64), tiles down Ho
+  int in_cols;            // input columns a block can reach, rounded to 16 (the forward's K)
+  int x_rows;             // input rows staged per image: rows + kh - 1
+  int images;             // images staged together
+  int image_blocks;       // blocks along N
+  int images_per_block;   // a multiple of `images` (weight grad: reduced by one block)
+  int kernel_rows_per_chunk;  // forward: Toeplitz tiles built for this many kernel rows at once
+};
+
+// The column window of one block: outputs [ox0, ox0 + cols) reach inputs [qx_lo, qx_lo + in_cols),
+// and T's diagonal j = base + k - col (input column k, output column col, both block-local).
+struct ColumnWindow {
+  int ox0, qx_lo, in_cols, base;
+};
+
+__device__ __forceinline__ ColumnWindow column_window(const RowsPlan& p, int col_tile) {
+  const ConvShape& s = p.s;
+  ColumnWindow win;
+  win.ox0 = col_tile * p.cols;
+  const int ox_end = min(win.ox0 + p.cols, s.Wo);
+  win.qx_lo = max(0, win.ox0 - s.pad_w);
+  const int qx_hi = min(s.W, ox_end - 1 - s.pad_w + s.kw);
+  win.in_cols = qx_hi > win.qx_lo ? round_up(qx_hi - win.qx_lo, 16) : 0;
+  win.base = win.qx_lo - win.ox0 + s.pad_w;
+  return win;
+}
+
+// Whether the 16x16 tile at (K tile - N tile) = d holds any tap of a kw-wide kernel row.
+__device__ __forceinline__ bool on_band(int base, int d, int kw) {
+  const int j = base + 16 * d;
+  return j + 15 >= 0 && j - 15 < kw;
+}
+
+// Whether image rows [y0, y0 + 16) miss [0, h) entirely (the rows are zero padding).
+__device__ __forceinline__ bool rows_in_padding(int y0, int h) { return y0 + 16 <= 0 || y0 >= h; }
+
+// grid (C, col_tiles * row_tiles, image_blocks), 256 threads.
+template <typename T>
+__global__ void __launch_bounds__(kThreads) rows_forward_kernel(const T* __restrict__ x,
+                                                                const float* __restrict__ weight,
+                                                                const float* __restrict__ bias,
+                                                                T* __restrict__ y, RowsPlan p) {
+  extern __shared__ float4 smem4[];
+  const ConvShape& s = p.s;
+  const int c = blockIdx.x;
+  const int col_tile = blockIdx.y % p.col_tiles;
+  const int oy0 = (blockIdx.y / p.col_tiles) * p.rows;
+  const int n0 = blockIdx.z * p.images;
+  const ColumnWindow win = column_window(p, col_tile);
+  const int n_tiles = p.cols / 16;
+  const int k_tiles = win.in_cols / 16;
+  const int band_tiles = p.in_cols / 16 + n_tiles - 1;  // Toeplitz tiles per kernel row
+  const int ldx = p.in_cols + 8;
+  const int kp_len = s.kw + 2 * kKernelPad;
+
+  // Shared memory: padded kernel rows, staged inputs, Toeplitz tiles; fp32 output staging reuses
+  // the inputs and tiles once the products are done.
+  unsigned short* kp = reinterpret_cast<unsigned short*>(smem4);
+  T* xs = reinterpret_cast<T*>(kp + round_up(s.kh * kp_len, 8));
+  T* ts = xs + p.images * p.x_rows * ldx;
+  float* os = reinterpret_cast<float*>(xs);
+  const int ldo = p.cols + 4;
+
+  const float* wc = weight + static_cast<int64_t>(c) * s.kh * s.kw;
+  for (int e = threadIdx.x; e < s.kh * kp_len; e += kThreads) {
+    const int i = e / kp_len, j = e - i * kp_len - kKernelPad;
+    kp[e] = bits_of(from_float<T>(j >= 0 && j < s.kw ? wc[i * s.kw + j] : 0.f));
+  }
+  for (int g = 0; g < p.images; ++g) {
+    const int n = min(n0 + g, s.N - 1);
+    stage_tile(xs + g * p.x_rows * ldx, ldx, p.x_rows, p.in_cols,
+               x + n * s.in_stride[0] + c * s.in_stride[1], s.in_stride[2], s.in_stride[3],
+               oy0 - s.pad_h, win.qx_lo, s.H, s.W, n0 + g < s.N && win.in_cols > 0);
+  }
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int row_steps = p.rows / 16;  // 16-row tiles per image
+  float acc[kMTilesPerWarp][4][2][4] = {};
+  for (int i0 = 0; i0 < s.kh && k_tiles > 0; i0 += p.kernel_rows_per_chunk) {
+    const int chunk = min(p.kernel_rows_per_chunk, s.kh - i0);
+    __syncthreads();
+    // Row r of tile t holds T[k][col] for k - col = 16 * (t - n_tiles + 1) + r - col_in_tile, i.e.
+    // kernel taps j = base + 16 * d + r - (0..15); each thread writes 8 of them (16 bytes).
+    const int units = chunk * band_tiles * 32;
+    for (int u = threadIdx.x; u < units; u += kThreads) {
+      const int half = u % 2, r = (u / 2) % 16, t = (u / 32) % band_tiles, ii = u / (32 * band_tiles);
+      const int j0 = win.base + 16 * (t - n_tiles + 1) + r - 8 * half;
+      const unsigned short* row = kp + (i0 + ii) * kp_len + kKernelPad;
+      unsigned packed[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int ja = j0 - 2 * e, jb = ja - 1;
+        const unsigned lo = (ja >= -kKernelPad && ja < s.kw + kKernelPad) ? row[ja] : 0u;
+        const unsigned hi = (jb >= -kKernelPad && jb < s.kw + kKernelPad) ? row[jb] : 0u;
+        packed[e] = lo | (hi << 16);
+      }
+      *reinterpret_cast<uint4*>(ts + (ii * band_tiles + t) * kTileElems + r * kTilePitch +
+                                8 * half) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+    }
+    __syncthreads();
+    for (int ii = 0; ii < chunk; ++ii) {
+      const int i = i0 + ii;
+      const T* tiles = ts + ii * band_tiles * kTileElems;
+      bool active[kMTilesPerWarp];
+      const T* a_rows[kMTilesPerWarp];
+#pragma unroll
+      for (int m = 0; m < kMTilesPerWarp; ++m) {
+        const int mt = warp + m * kWarps;
+        const int g = mt / row_steps, rt = mt - g * row_steps;
+        active[m] = g < p.images && n0 + g < s.N && oy0 + rt * 16 < s.Ho &&
+                    !rows_in_padding(oy0 + rt * 16 + i - s.pad_h, s.H);
+        a_rows[m] = xs + (g * p.x_rows + rt * 16 + i) * ldx + lane_offset(lane, ldx);
+      }
+      bool any_active = false;
+#pragma unroll
+      for (int m = 0; m < kMTilesPerWarp; ++m) any_active |= active[m];
+      if (!any_active) continue;
+      for (int kt = 0; kt < k_tiles; ++kt) {
+        unsigned a[kMTilesPerWarp][4];
+#pragma unroll
+        for (int m = 0; m < kMTilesPerWarp; ++m)
+          if (active[m]) ldsm_x4(a[m], a_rows[m] + kt * 16);
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+          if (nt >= n_tiles || !on_band(win.base, kt - nt, s.kw)) continue;
+          unsigned b[4];
+          ldsm_x4_trans(b, tiles + (kt - nt + n_tiles - 1) * kTileElems +
+                               lane_offset(lane, kTilePitch));
+#pragma unroll
+          for (int m = 0; m < kMTilesPerWarp; ++m) {
+            if (!active[m]) continue;
+            mma<T>(acc[m][nt][0], a[m], b[0], b[1]);
+            mma<T>(acc[m][nt][1], a[m], b[2], b[3]);
+          }
+        }
+      }
+    }
+  }
+  __syncthreads();
+  // Accumulator element e of an m16n8 tile sits at row lane / 4 + 8 * (e / 2), column
+  // 2 * (lane % 4) + e % 2.
+#pragma unroll
+  for (int m = 0; m < kMTilesPerWarp; ++m) {
+    const int mt = warp + m * kWarps;
+    if (mt >= p.images * row_steps) continue;
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+      if (nt >= n_tiles) continue;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float* o = os + (mt * 16 + lane / 4) * ldo + nt * 16 + h * 8 + 2 * (lane % 4);
+        *reinterpret_cast<float2*>(o) = make_float2(acc[m][nt][h][0], acc[m][nt][h][1]);
+        *reinterpret_cast<float2*>(o + 8 * ldo) = make_float2(acc[m][nt][h][2], acc[m][nt][h][3]);
+      }
+    }
+  }
+  __syncthreads();
+  const float b = bias ? bias[c] : 0.f;
+  const int out_rows = min(p.rows, s.Ho - oy0), out_cols = min(p.cols, s.Wo - win.ox0);
+  const bool rows_contiguous = s.out_stride[3] == 1 || s.out_stride[2] != 1;
+  for (int g = 0; g < p.images && n0 + g < s.N; ++g) {
+    T* out = y + (n0 + g) * s.out_stride[0] + c * s.out_stride[1];
+    const float* src = os + g * p.rows * ldo;
+    for (int e = threadIdx.x; e < out_rows * out_cols; e += kThreads) {
+      int r, k;
+      if (rows_contiguous) {
+        r = e / out_cols, k = e - r * out_cols;
+      } else {
+        k = e / out_rows, r = e - k * out_rows;
+      }
+      out[(oy0 + r) * s.out_stride[2] + (win.ox0 + k) * s.out_stride[3]] =
+          from_float<T>(src[r * ldo + k] + b);
+    }
+  }
+}
+
+// grid (C, col_tiles * row_tiles, image_blocks), 256 threads; the block's partial dw goes to
+// workspace[((blockIdx.z * gridDim.y + blockIdx.y) * C + c) * kh * kw + tap].
+template <typename T>
+__global__ void __launch_bounds__(kThreads) rows_weight_grad_kernel(const T* __restrict__ x,
+                                                                    const T* __restrict__ dy,
+                                                                    float* __restrict__ workspace,
+                                                                    RowsPlan p) {
+  extern __shared__ float4 smem4[];
+  const ConvShape& s = p.s;
+  const int c = blockIdx.x;
+  const int col_tile = blockIdx.y % p.col_tiles;
+  const int oy0 = (blockIdx.y / p.col_tiles) * p.rows;
+  const ColumnWindow win = column_window(p, col_tile);
+  const int m_tiles = p.cols / 16;
+  const int k_tiles = win.in_cols / 16;
+  const int row_steps = p.rows / 16;  // 16-row tiles per image
+  const int ldx = p.in_cols + 8, ldd = p.cols + 8, ldg = p.in_cols + 4;
+  const int taps = s.kh * s.kw;
+
+  float* dwacc = reinterpret_cast<float*>(smem4);
+  float* part = dwacc + round_up(taps, 4);
+  float* gs = part + kWarps * 64;
+  T* xs = reinterpret_cast<T*>(gs + p.cols * ldg);
+  T* ds = xs + p.images * p.x_rows * ldx;
+  for (int e = threadIdx.x; e < taps; e += kThreads) dwacc[e] = 0.f;
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int out_cols = min(p.cols, s.Wo - win.ox0);
+  const int cols_per_warp = ceil_div(p.cols, kWarps);
+  const int n_begin = blockIdx.z * p.images_per_block;
+  const int n_end = min(s.N, n_begin + p.images_per_block);
+  for (int n0 = n_begin; n0 < n_end && k_tiles > 0; n0 += p.images) {
+    __syncthreads();
+    for (int g = 0; g < p.images; ++g) {
+      const int n = min(n0 + g, s.N - 1);
+      const bool valid = n0 + g < n_end;
+      stage_tile(xs + g * p.x_rows * ldx, ldx, p.x_rows, p.in_cols,
+                 x + n * s.in_stride[0] + c * s.in_stride[1], s.in_stride[2], s.in_stride[3],
+                 oy0 - s.pad_h, win.qx_lo, s.H, s.W, valid);
+      stage_tile(ds + g * p.rows * ldd, ldd, p.rows, p.cols,
+                 dy + n * s.out_stride[0] + c * s.out_stride[1], s.out_stride[2], s.out_stride[3],
+                 oy0, win.ox0, s.Ho, s.Wo, valid);
+    }
+    const int images_here = min(p.images, n_end - n0);
+    for (int i = 0; i < s.kh; ++i) {
+      float acc[kGradTilesPerWarp][2][4] = {};
+      bool active[kGradTilesPerWarp];
+#pragma unroll
+      for (int u = 0; u < kGradTilesPerWarp; ++u) {
+        const int t = warp + u * kWarps;
+        const int mt = t % m_tiles, kt = t / m_tiles;
+        active[u] = kt < k_tiles && on_band(win.base, kt - mt, s.kw);
+      }
+      __syncthreads();  // staging done / previous diagonal sums have read gs and part
+      for (int g = 0; g < images_here; ++g) {
+        for (int rt = 0; rt < row_steps; ++rt) {
+          if (oy0 + rt * 16 >= s.Ho || rows_in_padding(oy0 + rt * 16 + i - s.pad_h, s.H)) continue;
+          const T* a_base = ds + (g * p.rows + rt * 16) * ldd + lane_offset_transposed_a(lane, ldd);
+          const T* b_base = xs + (g * p.x_rows + rt * 16 + i) * ldx + lane_offset(lane, ldx);
+#pragma unroll
+          for (int u = 0; u < kGradTilesPerWarp; ++u) {
+            if (!active[u]) continue;
+            const int t = warp + u * kWarps;
+            const int mt = t % m_tiles, kt = t / m_tiles;
+            unsigned a[4], b[4];
+            ldsm_x4_trans(a, a_base + mt * 16);
+            ldsm_x4_trans(b, b_base + kt * 16);
+            mma<T>(acc[u][0], a, b[0], b[1]);
+            mma<T>(acc[u][1], a, b[2], b[3]);
+          }
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < kGradTilesPerWarp; ++u) {
+        if (!active[u]) continue;
+        const int t = warp + u * kWarps;
+        const int mt = t % m_tiles, kt = t / m_tiles;
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          float* o = gs + (mt * 16 + lane / 4) * ldg + kt * 16 + h * 8 + 2 * (lane % 4);
+          *reinterpret_cast<float2*>(o) = make_float2(acc[u][h][0], acc[u][h][1]);
+          *reinterpret_cast<float2*>(o + 8 * ldg) = make_float2(acc[u][h][2], acc[u][h][3]);
+        }
+      }
+      __syncthreads();
+      // Tap j of row i sums G[col][col + j - base] over the block's output columns; warp w takes
+      // columns [w * cols_per_warp, ...) and the warps' sums are added in a fixed order below.
+      const int col_lo = warp * cols_per_warp, col_hi = min(out_cols, col_lo + cols_per_warp);
+      for (int j = lane; j < s.kw; j += 32) {
+        float sum = 0.f;
+        for (int col = col_lo; col < col_hi; ++col) {
+          const int k = col + j - win.base;
+          if (k >= 0 && k < win.in_cols) sum += gs[col * ldg + k];
+        }
+        part[warp * 64 + j] = sum;
+      }
+      __syncthreads();
+      for (int j = threadIdx.x; j < s.kw; j += kThreads) {
+        float sum = 0.f;
+        for (int w = 0; w < kWarps; ++w) sum += part[w * 64 + j];
+        dwacc[i * s.kw + j] += sum;
+      }
+    }
+  }
+  __syncthreads();
+  float* out = workspace + ((static_cast<int64_t>(blockIdx.z) * gridDim.y + blockIdx.y) * s.C + c) *
+                               static_cast<int64_t>(taps);
+  for (int e = threadIdx.x; e < taps; e += kThreads) out[e] = dwacc[e];
+}
+
+RowsPlan plan_columns_and_rows(const ConvShape& s) {
+  RowsPlan p{};
+  p.s = s;
+  p.col_tiles = ceil_div(s.Wo, kMaxCols);
+  p.cols = round_up(ceil_div(s.Wo, p.col_tiles), 16);
+  p.in_cols = round_up(std::min(s.W, p.cols + s.kw - 1), 16);
+  p.row_tiles = ceil_div(s.Ho, kMaxRows);
+  p.rows = round_up(ceil_div(s.Ho, p.row_tiles), 16);
+  p.x_rows = p.rows + s.kh - 1;
+  return p;
+}
+
+int64_t kernel_rows_bytes(const ConvShape& s) {
+  return 2LL * round_up(s.kh * (s.kw + 2 * kKernelPad), 8);
+}
+
+int band_tiles(const RowsPlan& p) { return p.in_cols / 16 + p.cols / 16 - 1; }
+
+int64_t forward_smem(const RowsPlan& p) {
+  const int64_t inputs = 2LL * p.images * p.x_rows * (p.in_cols + 8);
+  const int64_t tiles = 2LL * p.kernel_rows_per_chunk * band_tiles(p) * kTileElems;
+  const int64_t staging = 4LL * p.images * p.rows * (p.cols + 4);
+  return kernel_rows_bytes(p.s) + std::max(inputs + tiles, staging);
+}
+
+int64_t weight_grad_smem(const RowsPlan& p) {
+  const int64_t fixed = 4LL * (round_up(p.s.kh * p.s.kw, 4) + kWarps * 64 + p.cols * (p.in_cols + 4));
+  const int64_t per_image = 2LL * (p.x_rows * (p.in_cols + 8) + p.rows * (p.cols + 8));
+  return fixed + per_image * p.images;
+}
+
+RowsPlan plan_forward(const ConvShape& s) {
+  RowsPlan p = plan_columns_and_rows(s);
+  const int tile_bytes = 2 * band_tiles(p) * kTileElems;
+  p.kernel_rows_per_chunk = std::max(1, std::min(s.kh, 40 * 1024 / tile_bytes));
+  p.images = std::max(1, std::min(kMTilesPerWarp * kWarps / (p.rows / 16), s.N));
+  while (p.images > 1 && forward_smem(p) > kSmemBudget) --p.images;
+  p.image_blocks = ceil_div(s.N, p.images);
+  p.images_per_block = p.images;
+  return p;
+}
+
+RowsPlan plan_weight_grad(const ConvShape& s, int num_sms) {
+  RowsPlan p = plan_columns_and_rows(s);
+  p.images = std::min(s.N, 8);
+  while (p.images > 1 && weight_grad_smem(p) > kSmemBudget) --p.images;
+  // Enough blocks for about four per SM, each reducing whole chunks of `images`.
+  const int tiles = s.C * p.col_tiles * p.row_tiles;
+  const int splits = std::max(1, std::min(ceil_div(4 * num_sms, tiles), ceil_div(s.N, p.images)));
+  p.images_per_block = round_up(ceil_div(s.N, splits), p.images);
+  p.image_blocks = ceil_div(s.N, p.images_per_block);
+  return p;
+}
+
+template <typename Kernel>
+cudaError_t allow_smem(Kernel kernel, int64_t bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              static_cast<int>(bytes));
+}
+
+template <typename T>
+cudaError_t rows_forward_typed(const void* x, const float* weight, const float* bias, void* y,
+                               const ConvShape& s, cudaStream_t stream) {
+  const RowsPlan p = plan_forward(s);
+  const int64_t smem = forward_smem(p);
+  cudaError_t err = allow_smem(rows_forward_kernel<T>, smem);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(s.C, p.col_tiles * p.row_tiles, p.image_blocks);
+  rows_forward_kernel<T><<<grid, kThreads, smem, stream>>>(static_cast<const T*>(x), weight, bias,
+                                                           static_cast<T*>(y), p);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t rows_weight_grad_typed(DType dtype, const void* x, const void* dy, float* workspace,
+                                   void* dw, const ConvShape& s, int num_sms, cudaStream_t stream) {
+  const RowsPlan p = plan_weight_grad(s, num_sms);
+  const int64_t smem = weight_grad_smem(p);
+  cudaError_t err = allow_smem(rows_weight_grad_kernel<T>, smem);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(s.C, p.col_tiles * p.row_tiles, p.image_blocks);
+  rows_weight_grad_kernel<T><<<grid, kThreads, smem, stream>>>(
+      static_cast<const T*>(x), static_cast<const T*>(dy), workspace, p);
+  err = cudaGetLastError();
+  if (err != cudaSuccess) return err;
+  const int partials = p.image_blocks * p.col_tiles * p.row_tiles;
+  return launch_reduce_partials(dtype, workspace, partials,
+                                int64_t(s.C) * s.kh * s.kw, dw, stream);
+}
+
+}  // namespace
+
+bool rows_supported(DType dtype, const ConvShape& s) {
+  return dtype != DType::kFloat32 && s.kh <= 63 && s.kw <= 63;
+}
+
+int64_t rows_weight_grad_workspace_floats(const ConvShape& s, int num_sms) {
+  const RowsPlan p = plan_weight_grad(s, num_sms);
+  return int64_t(p.image_blocks) * p.col_tiles * p.row_tiles * s.C * s.kh * s.kw;
+}
+
+cudaError_t launch_forward_rows(DType dtype, const void* x, const float* weight, const float* bias,
+                                void* y, const ConvShape& shape, cudaStream_t stream) {
+  switch (dtype) {
+    case DType::kFloat16: return rows_forward_typed<__half>(x, weight, bias, y, shape, stream);
+    case DType::kBFloat16:
+      return rows_forward_typed<__nv_bfloat16>(x, weight, bias, y, shape, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+cudaError_t launch_weight_grad_rows(DType dtype, const void* x, const void* grad_out,
+                                    float* workspace, void* grad_weight, const ConvShape& shape,
+                                    int num_sms, cudaStream_t stream) {
+  switch (dtype) {
+    case DType::kFloat16:
+      return rows_weight_grad_typed<__half>(dtype, x, grad_out, workspace, grad_weight, shape, num_sms,
+                                            stream);
+    case DType::kBFloat16:
+      return rows_weight_grad_typed<__nv_bfloat16>(dtype, x, grad_out, workspace, grad_weight, shape,
+                                                   num_sms, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace lknets
