@@ -19,6 +19,7 @@
 #include <cuda_fp16.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <type_traits>
 
 namespace lknets {
@@ -87,6 +88,22 @@ __device__ __forceinline__ void mma(float (&d)[4], const unsigned (&a)[4], unsig
   }
 }
 
+// Asynchronous global -> shared copies of 16 or 4 bytes; a copy that is not `valid` writes zeros
+// (and reads nothing).
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(valid ? 16 : 0));
+}
+
+__device__ __forceinline__ void cp_async_4(void* dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(valid ? 4 : 0));
+}
+
+__device__ __forceinline__ void cp_async_wait_all() {
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+}
+
 // Offset of this lane's ldmatrix row in a 16x16 tile stored row major with pitch `ld`, for
 // operands whose fragment rows are the stored rows (A of a row-major M x K tile, or B via .trans
 // from a K x N tile): matrices (rows 0-7 | 8-15) x (columns 0-7 | 8-15), rows first.
@@ -100,11 +117,30 @@ __device__ __forceinline__ int lane_offset_transposed_a(int lane, int ld) {
 }
 
 // dst[r][k] = plane[(row0 + r) * rs + (col0 + k) * cs] for r < rows, k < cols, zero outside
-// [0, h) x [0, w) or when !valid. Lanes walk whichever of the two axes is contiguous in memory.
+// [0, h) x [0, w) or when !valid. With vec = 8 or 2 (the plane's rows are contiguous and aligned
+// to vec elements, and col0, cols, ld and w are multiples of vec) the rows are copied vec elements
+// at a time with cp.async (complete after cp_async_wait_all); otherwise element by element, lanes
+// walking whichever of the two axes is contiguous in memory.
 template <typename T>
 __device__ __forceinline__ void stage_tile(T* dst, int ld, int rows, int cols, const T* plane,
                                           int64_t rs, int64_t cs, int row0, int col0, int h, int w,
-                                          bool valid) {
+                                          bool valid, int vec) {
+  if (vec > 1) {
+    const int per_row = cols / vec;
+    for (int e = threadIdx.x; e < rows * per_row; e += kThreads) {
+      const int r = e / per_row, xq = col0 + (e - r * per_row) * vec;
+      const int y = row0 + r;
+      const bool ok = valid && y >= 0 && y < h && xq < w;
+      const T* src = ok ? plane + y * rs + xq : plane;
+      T* d = dst + r * ld + (xq - col0);
+      if (vec == 8) {
+        cp_async_16(d, src, ok);
+      } else {
+        cp_async_4(d, src, ok);
+      }
+    }
+    return;
+  }
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const T zero = from_float<T>(0.f);
   if (cs == 1 || rs != 1) {
@@ -128,6 +164,29 @@ __device__ __forceinline__ void stage_tile(T* dst, int ld, int rows, int cols, c
   }
 }
 
+// dst[r * ld + k] = src[r * lds + k] + bias for r < rows, k < cols, V elements per store (dst rows
+// aligned to V elements, cols a multiple of V, src rows 16-byte aligned).
+template <int V, typename T>
+__device__ __forceinline__ void store_rows(T* dst, int64_t ld, const float* src, int lds, int rows,
+                                          int cols, float bias) {
+  const int per_row = cols / V;
+  for (int e = threadIdx.x; e < rows * per_row; e += kThreads) {
+    const int r = e / per_row, k = (e - r * per_row) * V;
+    union {
+      T v[V];
+      uint4 u4;
+      unsigned u1;
+    } pack;
+#pragma unroll
+    for (int q = 0; q < V; ++q) pack.v[q] = from_float<T>(src[r * lds + k + q] + bias);
+    if constexpr (V == 8) {
+      *reinterpret_cast<uint4*>(dst + r * ld + k) = pack.u4;
+    } else {
+      *reinterpret_cast<unsigned*>(dst + r * ld + k) = pack.u1;
+    }
+  }
+}
+
 struct RowsPlan {
   ConvShape s;
   int cols, col_tiles;    // output columns per block (multiple of 16, <= 64) and tiles across Wo
@@ -138,6 +197,7 @@ struct RowsPlan {
   int image_blocks;       // blocks along N
   int images_per_block;   // a multiple of `images` (weight grad: reduced by one block)
   int kernel_rows_per_chunk;  // forward: Toeplitz tiles built for this many kernel rows at once
+  int in_vec, out_vec;    // elements per global access of the input / output planes: 8, 2 or 1
 };
 
 // The column window of one block: outputs [ox0, ox0 + cols) reach inputs [qx_lo, qx_lo + in_cols),
@@ -151,7 +211,7 @@ __device__ __forceinline__ ColumnWindow column_window(const RowsPlan& p, int col
   ColumnWindow win;
   win.ox0 = col_tile * p.cols;
   const int ox_end = min(win.ox0 + p.cols, s.Wo);
-  win.qx_lo = max(0, win.ox0 - s.pad_w);
+  win.qx_lo = max(0, win.ox0 - s.pad_w) / p.in_vec * p.in_vec;  // aligned for vector copies
   const int qx_hi = min(s.W, ox_end - 1 - s.pad_w + s.kw);
   win.in_cols = qx_hi > win.qx_lo ? round_up(qx_hi - win.qx_lo, 16) : 0;
   win.base = win.qx_lo - win.ox0 + s.pad_w;
@@ -203,8 +263,9 @@ __global__ void __launch_bounds__(kThreads) rows_forward_kernel(const T* __restr
     const int n = min(n0 + g, s.N - 1);
     stage_tile(xs + g * p.x_rows * ldx, ldx, p.x_rows, p.in_cols,
                x + n * s.in_stride[0] + c * s.in_stride[1], s.in_stride[2], s.in_stride[3],
-               oy0 - s.pad_h, win.qx_lo, s.H, s.W, n0 + g < s.N && win.in_cols > 0);
+               oy0 - s.pad_h, win.qx_lo, s.H, s.W, n0 + g < s.N && win.in_cols > 0, p.in_vec);
   }
+  cp_async_wait_all();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int row_steps = p.rows / 16;  // 16-row tiles per image
@@ -294,6 +355,16 @@ __global__ void __launch_bounds__(kThreads) rows_forward_kernel(const T* __restr
   for (int g = 0; g < p.images && n0 + g < s.N; ++g) {
     T* out = y + (n0 + g) * s.out_stride[0] + c * s.out_stride[1];
     const float* src = os + g * p.rows * ldo;
+    if (p.out_vec == 8) {
+      store_rows<8>(out + oy0 * s.out_stride[2] + win.ox0, s.out_stride[2], src, ldo, out_rows,
+                    out_cols, b);
+      continue;
+    }
+    if (p.out_vec == 2) {
+      store_rows<2>(out + oy0 * s.out_stride[2] + win.ox0, s.out_stride[2], src, ldo, out_rows,
+                    out_cols, b);
+      continue;
+    }
     for (int e = threadIdx.x; e < out_rows * out_cols; e += kThreads) {
       int r, k;
       if (rows_contiguous) {
@@ -345,11 +416,12 @@ __global__ void __launch_bounds__(kThreads) rows_weight_grad_kernel(const T* __r
       const bool valid = n0 + g < n_end;
       stage_tile(xs + g * p.x_rows * ldx, ldx, p.x_rows, p.in_cols,
                  x + n * s.in_stride[0] + c * s.in_stride[1], s.in_stride[2], s.in_stride[3],
-                 oy0 - s.pad_h, win.qx_lo, s.H, s.W, valid);
+                 oy0 - s.pad_h, win.qx_lo, s.H, s.W, valid, p.in_vec);
       stage_tile(ds + g * p.rows * ldd, ldd, p.rows, p.cols,
                  dy + n * s.out_stride[0] + c * s.out_stride[1], s.out_stride[2], s.out_stride[3],
-                 oy0, win.ox0, s.Ho, s.Wo, valid);
+                 oy0, win.ox0, s.Ho, s.Wo, valid, p.out_vec);
     }
+    cp_async_wait_all();
     const int images_here = min(p.images, n_end - n0);
     for (int i = 0; i < s.kh; ++i) {
       float acc[kGradTilesPerWarp][2][4] = {};
@@ -422,7 +494,7 @@ RowsPlan plan_columns_and_rows(const ConvShape& s) {
   p.s = s;
   p.col_tiles = ceil_div(s.Wo, kMaxCols);
   p.cols = round_up(ceil_div(s.Wo, p.col_tiles), 16);
-  p.in_cols = round_up(std::min(s.W, p.cols + s.kw - 1), 16);
+  p.in_cols = round_up(std::min(s.W, p.cols + s.kw - 1 + 7), 16);  // 7: qx_lo's alignment
   p.row_tiles = ceil_div(s.Ho, kMaxRows);
   p.rows = round_up(ceil_div(s.Ho, p.row_tiles), 16);
   p.x_rows = p.rows + s.kh - 1;
@@ -471,6 +543,18 @@ RowsPlan plan_weight_grad(const ConvShape& s, int num_sms) {
   return p;
 }
 
+// Elements per vector access of a plane: 8 or 2 when its rows are contiguous and every plane row
+// starts on a multiple of that many elements (and `w` is one), else 1.
+int vector_width(const void* data, const int64_t* stride, int w) {
+  const auto address = reinterpret_cast<uintptr_t>(data);
+  for (const int v : {8, 2}) {
+    if (stride[3] == 1 && stride[2] % v == 0 && stride[1] % v == 0 && stride[0] % v == 0 &&
+        w % v == 0 && address % (2 * v) == 0)
+      return v;
+  }
+  return 1;
+}
+
 template <typename Kernel>
 cudaError_t allow_smem(Kernel kernel, int64_t bytes) {
   if (bytes <= 48 * 1024) return cudaSuccess;
@@ -481,7 +565,9 @@ cudaError_t allow_smem(Kernel kernel, int64_t bytes) {
 template <typename T>
 cudaError_t rows_forward_typed(const void* x, const float* weight, const float* bias, void* y,
                                const ConvShape& s, cudaStream_t stream) {
-  const RowsPlan p = plan_forward(s);
+  RowsPlan p = plan_forward(s);
+  p.in_vec = vector_width(x, s.in_stride, s.W);
+  p.out_vec = vector_width(y, s.out_stride, s.Wo);
   const int64_t smem = forward_smem(p);
   cudaError_t err = allow_smem(rows_forward_kernel<T>, smem);
   if (err != cudaSuccess) return err;
@@ -494,7 +580,9 @@ cudaError_t rows_forward_typed(const void* x, const float* weight, const float* 
 template <typename T>
 cudaError_t rows_weight_grad_typed(DType dtype, const void* x, const void* dy, float* workspace,
                                    void* dw, const ConvShape& s, int num_sms, cudaStream_t stream) {
-  const RowsPlan p = plan_weight_grad(s, num_sms);
+  RowsPlan p = plan_weight_grad(s, num_sms);
+  p.in_vec = vector_width(x, s.in_stride, s.W);
+  p.out_vec = vector_width(dy, s.out_stride, s.Wo);
   const int64_t smem = weight_grad_smem(p);
   cudaError_t err = allow_smem(rows_weight_grad_kernel<T>, smem);
   if (err != cudaSuccess) return err;
