@@ -33,7 +33,8 @@ constexpr int kTilePitch = 24;      // Toeplitz tiles: 16 rows of 24 elements (n
 constexpr int kTileElems = 16 * kTilePitch;
 constexpr int kKernelPad = 32;      // zeros each side of a staged kernel row
 constexpr int kMTilesPerWarp = 2;   // forward: output row tiles per warp
-constexpr int kGradTilesPerWarp = 4;  // weight grad: G tiles per warp (64 x 128 over 8 warps)
+constexpr int kGradRowsPerWarp = 2;  // weight grad: kernel rows per warp and pass
+constexpr int kScratchPitch = 20;    // weight grad: a warp's 16x16 fp32 scratch tile
 constexpr int kSmemBudget = 110 * 1024;
 
 __host__ __device__ inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
@@ -273,23 +274,23 @@ __global__ void __launch_bounds__(kThreads) rows_forward_kernel(const T* __restr
   for (int i0 = 0; i0 < s.kh && k_tiles > 0; i0 += p.kernel_rows_per_chunk) {
     const int chunk = min(p.kernel_rows_per_chunk, s.kh - i0);
     __syncthreads();
-    // Row r of tile t holds T[k][col] for k - col = 16 * (t - n_tiles + 1) + r - col_in_tile, i.e.
-    // kernel taps j = base + 16 * d + r - (0..15); each thread writes 8 of them (16 bytes).
-    const int units = chunk * band_tiles * 32;
-    for (int u = threadIdx.x; u < units; u += kThreads) {
-      const int half = u % 2, r = (u / 2) % 16, t = (u / 32) % band_tiles, ii = u / (32 * band_tiles);
-      const int j0 = win.base + 16 * (t - n_tiles + 1) + r - 8 * half;
-      const unsigned short* row = kp + (i0 + ii) * kp_len + kKernelPad;
+    // Tile t of kernel row i holds T[k][col] for k - col = 16 * d + r - c', d = t - n_tiles + 1
+    // (r, c' the row and column in the tile): kernel taps j = base + 16 * d + r - c'. A warp fills
+    // one on-band tile at a time, a lane 8 taps of one row (16 bytes); on-band taps stay within the
+    // kernel rows' zero padding, so they need no range checks.
+    for (int tile = warp; tile < chunk * band_tiles; tile += kWarps) {
+      const int ii = tile / band_tiles, t = tile - ii * band_tiles;
+      const int d = t - n_tiles + 1;
+      if (!on_band(win.base, d, s.kw)) continue;
+      const int r = lane / 2, half = lane % 2;
+      const unsigned short* taps =
+          kp + (i0 + ii) * kp_len + kKernelPad + win.base + 16 * d + r - 8 * half;
       unsigned packed[4];
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int ja = j0 - 2 * e, jb = ja - 1;
-        const unsigned lo = (ja >= -kKernelPad && ja < s.kw + kKernelPad) ? row[ja] : 0u;
-        const unsigned hi = (jb >= -kKernelPad && jb < s.kw + kKernelPad) ? row[jb] : 0u;
-        packed[e] = lo | (hi << 16);
-      }
-      *reinterpret_cast<uint4*>(ts + (ii * band_tiles + t) * kTileElems + r * kTilePitch +
-                                8 * half) = make_uint4(packed[0], packed[1], packed[2], packed[3]);
+      for (int e = 0; e < 4; ++e)
+        packed[e] = unsigned(taps[-2 * e]) | (unsigned(taps[-2 * e - 1]) << 16);
+      *reinterpret_cast<uint4*>(ts + tile * kTileElems + r * kTilePitch + 8 * half) =
+          make_uint4(packed[0], packed[1], packed[2], packed[3]);
     }
     __syncthreads();
     for (int ii = 0; ii < chunk; ++ii) {
@@ -378,10 +379,16 @@ __global__ void __launch_bounds__(kThreads) rows_forward_kernel(const T* __restr
   }
 }
 
-// grid (C, col_tiles * row_tiles, image_blocks), 256 threads; the block's partial dw goes to
+// Weight gradient. Warp w owns K tile kt = w % k_tiles (a 16-column slice of the input window)
+// and kGradRowsPerWarp kernel rows of each pass, and accumulates G_i[mt][kt] = dy^T x_i for every
+// output-column tile mt on kt's band, over the block's images and rows: one dy fragment serves all
+// its kernel rows and one x fragment all its column tiles. Its tiles' diagonals are summed through
+// a private scratch tile into part[warp][row][tap]; once per pass the warps' sums are added into
+// dwacc in warp order (deterministic). grid (C, col_tiles * row_tiles, image_blocks), 256
+// threads; the block's partial dw goes to
 // workspace[((blockIdx.z * gridDim.y + blockIdx.y) * C + c) * kh * kw + tap].
 template <typename T>
-__global__ void __launch_bounds__(kThreads) rows_weight_grad_kernel(const T* __restrict__ x,
+__global__ void __launch_bounds__(kThreads, 2) rows_weight_grad_kernel(const T* __restrict__ x,
                                                                     const T* __restrict__ dy,
                                                                     float* __restrict__ workspace,
                                                                     RowsPlan p) {
@@ -394,23 +401,32 @@ __global__ void __launch_bounds__(kThreads) rows_weight_grad_kernel(const T* __r
   const int m_tiles = p.cols / 16;
   const int k_tiles = win.in_cols / 16;
   const int row_steps = p.rows / 16;  // 16-row tiles per image
-  const int ldx = p.in_cols + 8, ldd = p.cols + 8, ldg = p.in_cols + 4;
+  const int ldx = p.in_cols + 8, ldd = p.cols + 8;
   const int taps = s.kh * s.kw;
+  constexpr int kPartFloats = kWarps * kGradRowsPerWarp * 64;
 
   float* dwacc = reinterpret_cast<float*>(smem4);
-  float* part = dwacc + round_up(taps, 4);
-  float* gs = part + kWarps * 64;
-  T* xs = reinterpret_cast<T*>(gs + p.cols * ldg);
+  float* part = dwacc + round_up(taps, 4);  // two buffers (alternate passes) of kPartFloats
+  float* scratch = part + 2 * kPartFloats;  // per warp 16 x kScratchPitch
+  T* xs = reinterpret_cast<T*>(scratch + kWarps * 16 * kScratchPitch);
   T* ds = xs + p.images * p.x_rows * ldx;
   for (int e = threadIdx.x; e < taps; e += kThreads) dwacc[e] = 0.f;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int out_cols = min(p.cols, s.Wo - win.ox0);
-  const int cols_per_warp = ceil_div(p.cols, kWarps);
+  const int row_groups = k_tiles > 0 ? kWarps / k_tiles : 0;
+  const int kt = k_tiles > 0 ? warp % k_tiles : 0;
+  const int row_group = k_tiles > 0 ? warp / k_tiles : 0;
+  const int pass_rows = row_groups * kGradRowsPerWarp;
+  float* my_scratch = scratch + warp * 16 * kScratchPitch;
+  bool band[4];
+#pragma unroll
+  for (int mt = 0; mt < 4; ++mt) band[mt] = mt < m_tiles && on_band(win.base, kt - mt, s.kw);
+
   const int n_begin = blockIdx.z * p.images_per_block;
   const int n_end = min(s.N, n_begin + p.images_per_block);
+  int pass = 0;
   for (int n0 = n_begin; n0 < n_end && k_tiles > 0; n0 += p.images) {
-    __syncthreads();
+    __syncthreads();  // the previous chunk's products are done with xs and ds
     for (int g = 0; g < p.images; ++g) {
       const int n = min(n0 + g, s.N - 1);
       const bool valid = n0 + g < n_end;
@@ -422,64 +438,75 @@ __global__ void __launch_bounds__(kThreads) rows_weight_grad_kernel(const T* __r
                  oy0, win.ox0, s.Ho, s.Wo, valid, p.out_vec);
     }
     cp_async_wait_all();
+    __syncthreads();
     const int images_here = min(p.images, n_end - n0);
-    for (int i = 0; i < s.kh; ++i) {
-      float acc[kGradTilesPerWarp][2][4] = {};
-      bool active[kGradTilesPerWarp];
+    for (int i0 = 0; i0 < s.kh; i0 += pass_rows, ++pass) {
+      float* part_now = part + (pass % 2) * kPartFloats;
+      float* my_part = part_now + warp * kGradRowsPerWarp * 64;
+      const int row0 = i0 + row_group * kGradRowsPerWarp;  // this warp's first kernel row
+      if (row_group < row_groups) {
+        float acc[4][kGradRowsPerWarp][2][4] = {};
+        for (int g = 0; g < images_here; ++g) {
+          for (int rt = 0; rt < row_steps && oy0 + rt * 16 < s.Ho; ++rt) {
+            unsigned a[4][4];
 #pragma unroll
-      for (int u = 0; u < kGradTilesPerWarp; ++u) {
-        const int t = warp + u * kWarps;
-        const int mt = t % m_tiles, kt = t / m_tiles;
-        active[u] = kt < k_tiles && on_band(win.base, kt - mt, s.kw);
-      }
-      __syncthreads();  // staging done / previous diagonal sums have read gs and part
-      for (int g = 0; g < images_here; ++g) {
-        for (int rt = 0; rt < row_steps; ++rt) {
-          if (oy0 + rt * 16 >= s.Ho || rows_in_padding(oy0 + rt * 16 + i - s.pad_h, s.H)) continue;
-          const T* a_base = ds + (g * p.rows + rt * 16) * ldd + lane_offset_transposed_a(lane, ldd);
-          const T* b_base = xs + (g * p.x_rows + rt * 16 + i) * ldx + lane_offset(lane, ldx);
+            for (int mt = 0; mt < 4; ++mt)
+              if (band[mt])
+                ldsm_x4_trans(a[mt], ds + (g * p.rows + rt * 16) * ldd + mt * 16 +
+                                         lane_offset_transposed_a(lane, ldd));
 #pragma unroll
-          for (int u = 0; u < kGradTilesPerWarp; ++u) {
-            if (!active[u]) continue;
-            const int t = warp + u * kWarps;
-            const int mt = t % m_tiles, kt = t / m_tiles;
-            unsigned a[4], b[4];
-            ldsm_x4_trans(a, a_base + mt * 16);
-            ldsm_x4_trans(b, b_base + kt * 16);
-            mma<T>(acc[u][0], a, b[0], b[1]);
-            mma<T>(acc[u][1], a, b[2], b[3]);
+            for (int r = 0; r < kGradRowsPerWarp; ++r) {
+              const int i = row0 + r;
+              if (i >= s.kh || rows_in_padding(oy0 + rt * 16 + i - s.pad_h, s.H)) continue;
+              unsigned b[4];
+              ldsm_x4_trans(b, xs + (g * p.x_rows + rt * 16 + i) * ldx + kt * 16 +
+                                   lane_offset(lane, ldx));
+#pragma unroll
+              for (int mt = 0; mt < 4; ++mt) {
+                if (!band[mt]) continue;
+                mma<T>(acc[mt][r][0], a[mt], b[0], b[1]);
+                mma<T>(acc[mt][r][1], a[mt], b[2], b[3]);
+              }
+            }
+          }
+        }
+        // Tile (mt, kt) of G_i adds its diagonal col - row = delta to tap j = base + 16 (kt - mt)
+        // + delta; lane delta + 15 sums one diagonal, tiles in a fixed order.
+        for (int e = lane; e < kGradRowsPerWarp * 64; e += 32) my_part[e] = 0.f;
+#pragma unroll
+        for (int mt = 0; mt < 4; ++mt) {
+          if (!band[mt]) continue;
+#pragma unroll
+          for (int r = 0; r < kGradRowsPerWarp; ++r) {
+            __syncwarp();
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+              float* o = my_scratch + (lane / 4) * kScratchPitch + h * 8 + 2 * (lane % 4);
+              *reinterpret_cast<float2*>(o) = make_float2(acc[mt][r][h][0], acc[mt][r][h][1]);
+              *reinterpret_cast<float2*>(o + 8 * kScratchPitch) =
+                  make_float2(acc[mt][r][h][2], acc[mt][r][h][3]);
+            }
+            __syncwarp();
+            const int delta = lane - 15;
+            const int j = win.base + 16 * (kt - mt) + delta;
+            if (lane < 31 && j >= 0 && j < s.kw) {
+              float sum = 0.f;
+              for (int q = max(0, -delta); q < min(16, 16 - delta); ++q)
+                sum += my_scratch[q * (kScratchPitch + 1) + delta];
+              my_part[r * 64 + j] += sum;
+            }
           }
         }
       }
-#pragma unroll
-      for (int u = 0; u < kGradTilesPerWarp; ++u) {
-        if (!active[u]) continue;
-        const int t = warp + u * kWarps;
-        const int mt = t % m_tiles, kt = t / m_tiles;
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          float* o = gs + (mt * 16 + lane / 4) * ldg + kt * 16 + h * 8 + 2 * (lane % 4);
-          *reinterpret_cast<float2*>(o) = make_float2(acc[u][h][0], acc[u][h][1]);
-          *reinterpret_cast<float2*>(o + 8 * ldg) = make_float2(acc[u][h][2], acc[u][h][3]);
-        }
-      }
       __syncthreads();
-      // Tap j of row i sums G[col][col + j - base] over the block's output columns; warp w takes
-      // columns [w * cols_per_warp, ...) and the warps' sums are added in a fixed order below.
-      const int col_lo = warp * cols_per_warp, col_hi = min(out_cols, col_lo + cols_per_warp);
-      for (int j = lane; j < s.kw; j += 32) {
+      for (int e = threadIdx.x; e < pass_rows * s.kw; e += kThreads) {
+        const int q = e / s.kw, j = e - q * s.kw;
+        if (i0 + q >= s.kh) continue;
+        const int group = q / kGradRowsPerWarp, r = q % kGradRowsPerWarp;
         float sum = 0.f;
-        for (int col = col_lo; col < col_hi; ++col) {
-          const int k = col + j - win.base;
-          if (k >= 0 && k < win.in_cols) sum += gs[col * ldg + k];
-        }
-        part[warp * 64 + j] = sum;
-      }
-      __syncthreads();
-      for (int j = threadIdx.x; j < s.kw; j += kThreads) {
-        float sum = 0.f;
-        for (int w = 0; w < kWarps; ++w) sum += part[w * 64 + j];
-        dwacc[i * s.kw + j] += sum;
+        for (int t = 0; t < k_tiles; ++t)
+          sum += part_now[((group * k_tiles + t) * kGradRowsPerWarp + r) * 64 + j];
+        dwacc[(i0 + q) * s.kw + j] += sum;
       }
     }
   }
@@ -515,7 +542,8 @@ int64_t forward_smem(const RowsPlan& p) {
 }
 
 int64_t weight_grad_smem(const RowsPlan& p) {
-  const int64_t fixed = 4LL * (round_up(p.s.kh * p.s.kw, 4) + kWarps * 64 + p.cols * (p.in_cols + 4));
+  const int64_t fixed = 4LL * (round_up(p.s.kh * p.s.kw, 4) + 2 * kWarps * kGradRowsPerWarp * 64 +
+                               kWarps * 16 * kScratchPitch);
   const int64_t per_image = 2LL * (p.x_rows * (p.in_cols + 8) + p.rows * (p.cols + 8));
   return fixed + per_image * p.images;
 }
@@ -535,9 +563,9 @@ RowsPlan plan_weight_grad(const ConvShape& s, int num_sms) {
   RowsPlan p = plan_columns_and_rows(s);
   p.images = std::min(s.N, 8);
   while (p.images > 1 && weight_grad_smem(p) > kSmemBudget) --p.images;
-  // Enough blocks for about four per SM, each reducing whole chunks of `images`.
+  // About eight blocks per SM (short tail), each reducing whole chunks of `images`.
   const int tiles = s.C * p.col_tiles * p.row_tiles;
-  const int splits = std::max(1, std::min(ceil_div(4 * num_sms, tiles), ceil_div(s.N, p.images)));
+  const int splits = std::max(1, std::min(ceil_div(8 * num_sms, tiles), ceil_div(s.N, p.images)));
   p.images_per_block = round_up(ceil_div(s.N, splits), p.images);
   p.image_blocks = ceil_div(s.N, p.images_per_block);
   return p;
