@@ -172,17 +172,19 @@ def test_all_directions_match_float64(shape, k, dtype):
 # plane-GEMM forward works on blocks of up to 128 output pixels and 64 batch entries and multiplies
 # only the input rows a block reaches; the plane-GEMM weight gradient takes planes of up to 256
 # pixels (16-padded; "gemm" runs the row-Toeplitz GEMM beyond that). The row-Toeplitz GEMM tiles
-# outputs in blocks of up to 64 x 64 and skips band tiles and padding rows; 16-bit planes over 32x32
+# outputs in blocks of up to 64 x 64 and skips band tiles and padding rows; 16-bit planes over 16x16
 # use it by default.
 ALGO_SHAPES = [
     ((70, 5, 16, 16), (13, 13)),     # largest tensor-core weight-grad plane, two batch blocks
     ((3, 6, 17, 15), (13, 13)),      # 255-pixel plane: 16-padded to 256
-    ((2, 4, 33, 33), (31, 31)),      # over 32x32: direct by default; weight grad always direct
+    ((2, 4, 33, 33), (31, 31)),      # row-Toeplitz by default
     ((2, 3, 40, 37), (7, 7)),        # many column blocks, clipped input-row ranges
     ((65, 3, 7, 7), (13, 13)),
     ((2, 3, 12, 30), (3, 29)),
     ((9, 3, 130, 67), (5, 63)),      # three row tiles and two column tiles, images split in blocks
     ((3, 2, 21, 100), (1, 31)),
+    ((3, 4, 40, 24), (29, 3)),       # H/W-transposed view: 8-element vectors down its columns
+    ((2, 3, 26, 18), (9, 5)),        # the same with 2-element vectors
 ]
 
 

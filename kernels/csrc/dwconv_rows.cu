@@ -117,15 +117,68 @@ __device__ __forceinline__ int lane_offset_transposed_a(int lane, int ld) {
   return ((lane / 16) * 8 + lane % 8) * ld + ((lane / 8) % 2) * 8;
 }
 
+// Vector width V (8 or 2 elements) of a plane's global accesses and their direction: along its
+// rows (contiguous rows, col0 / cols / w multiples of V) or down its columns (an H/W-transposed
+// view of an NCHW tensor: contiguous columns, row0 / rows / h multiples of V). V = 1: scalar.
+struct Access {
+  int vec;
+  bool down;
+};
+
+// dst[r][k] = plane[(row0 + r) * cs + col0 + k] (k < cols, r < rows, both multiples of V) with
+// V-element loads down the columns, scattered into the row-major tile; zero outside [0, h) x [0, w).
+template <int V, typename T>
+__device__ __forceinline__ void stage_down_columns(T* dst, int ld, int rows, int cols,
+                                                  const T* plane, int64_t cs, int row0, int col0,
+                                                  int h, int w, bool valid) {
+  using Vec = typename std::conditional<V == 8, uint4, unsigned>::type;
+  constexpr int kBatch = 4;  // loads in flight per thread
+  const int total = cols * (rows / V);
+  unsigned short* out = reinterpret_cast<unsigned short*>(dst);
+  for (int e0 = threadIdx.x; e0 < total; e0 += kBatch * kThreads) {
+    unsigned words[kBatch][V / 2];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int e = e0 + u * kThreads;
+      const int k = e % cols, y = row0 + (e / cols) * V, xq = col0 + k;
+      Vec v{};
+      if (e < total && valid && y >= 0 && y < h && xq >= 0 && xq < w)
+        v = *reinterpret_cast<const Vec*>(plane + xq * cs + y);
+      if constexpr (V == 8) {
+        words[u][0] = v.x, words[u][1] = v.y, words[u][2] = v.z, words[u][3] = v.w;
+      } else {
+        words[u][0] = v;
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int e = e0 + u * kThreads;
+      if (e >= total) break;
+      const int k = e % cols, r = (e / cols) * V;
+#pragma unroll
+      for (int q = 0; q < V; ++q)
+        out[(r + q) * ld + k] = static_cast<unsigned short>(words[u][q / 2] >> (16 * (q % 2)));
+    }
+  }
+}
+
 // dst[r][k] = plane[(row0 + r) * rs + (col0 + k) * cs] for r < rows, k < cols, zero outside
-// [0, h) x [0, w) or when !valid. With vec = 8 or 2 (the plane's rows are contiguous and aligned
-// to vec elements, and col0, cols, ld and w are multiples of vec) the rows are copied vec elements
-// at a time with cp.async (complete after cp_async_wait_all); otherwise element by element, lanes
-// walking whichever of the two axes is contiguous in memory.
+// [0, h) x [0, w) or when !valid. Along rows, vector copies go through cp.async (complete after
+// cp_async_wait_all); down columns through registers; scalar accesses have lanes walk whichever
+// of the two axes is contiguous in memory.
 template <typename T>
 __device__ __forceinline__ void stage_tile(T* dst, int ld, int rows, int cols, const T* plane,
                                           int64_t rs, int64_t cs, int row0, int col0, int h, int w,
-                                          bool valid, int vec) {
+                                          bool valid, Access access) {
+  if (access.down) {
+    if (access.vec == 8) {
+      stage_down_columns<8>(dst, ld, rows, cols, plane, cs, row0, col0, h, w, valid);
+    } else {
+      stage_down_columns<2>(dst, ld, rows, cols, plane, cs, row0, col0, h, w, valid);
+    }
+    return;
+  }
+  const int vec = access.vec;
   if (vec > 1) {
     const int per_row = cols / vec;
     for (int e = threadIdx.x; e < rows * per_row; e += kThreads) {
@@ -188,17 +241,41 @@ __device__ __forceinline__ void store_rows(T* dst, int64_t ld, const float* src,
   }
 }
 
+// dst[k * ld + r] = src[r * lds + k] + bias for r < rows (a multiple of V), k < cols: V outputs
+// down a column per store (dst columns contiguous and aligned to V elements).
+template <int V, typename T>
+__device__ __forceinline__ void store_down_columns(T* dst, int64_t ld, const float* src, int lds,
+                                                  int rows, int cols, float bias) {
+  const int total = cols * (rows / V);
+  for (int e = threadIdx.x; e < total; e += kThreads) {
+    const int k = e % cols, r = (e / cols) * V;
+    union {
+      T v[V];
+      uint4 u4;
+      unsigned u1;
+    } pack;
+#pragma unroll
+    for (int q = 0; q < V; ++q) pack.v[q] = from_float<T>(src[(r + q) * lds + k] + bias);
+    if constexpr (V == 8) {
+      *reinterpret_cast<uint4*>(dst + k * ld + r) = pack.u4;
+    } else {
+      *reinterpret_cast<unsigned*>(dst + k * ld + r) = pack.u1;
+    }
+  }
+}
+
 struct RowsPlan {
   ConvShape s;
   int cols, col_tiles;    // output columns per block (multiple of 16, <= 64) and tiles across Wo
   int rows, row_tiles;    // output rows per block and image (multiple of 16, <= 64), tiles down Ho
   int in_cols;            // input columns a block can reach, rounded to 16 (the forward's K)
-  int x_rows;             // input rows staged per image: rows + kh - 1
+  int x_rows;             // input rows an image's outputs reach: rows + kh - 1
+  int x_pitch;            // rows reserved per image (x_rows, more for vectors down columns)
   int images;             // images staged together
   int image_blocks;       // blocks along N
   int images_per_block;   // a multiple of `images` (weight grad: reduced by one block)
   int kernel_rows_per_chunk;  // forward: Toeplitz tiles built for this many kernel rows at once
-  int in_vec, out_vec;    // elements per global access of the input / output planes: 8, 2 or 1
+  Access in, out;         // global accesses of the input and output planes
 };
 
 // The column window of one block: outputs [ox0, ox0 + cols) reach inputs [qx_lo, qx_lo + in_cols),
@@ -212,7 +289,8 @@ __device__ __forceinline__ ColumnWindow column_window(const RowsPlan& p, int col
   ColumnWindow win;
   win.ox0 = col_tile * p.cols;
   const int ox_end = min(win.ox0 + p.cols, s.Wo);
-  win.qx_lo = max(0, win.ox0 - s.pad_w) / p.in_vec * p.in_vec;  // aligned for vector copies
+  const int align = p.in.down ? 1 : p.in.vec;  // vector copies along rows start aligned
+  win.qx_lo = max(0, win.ox0 - s.pad_w) / align * align;
   const int qx_hi = min(s.W, ox_end - 1 - s.pad_w + s.kw);
   win.in_cols = qx_hi > win.qx_lo ? round_up(qx_hi - win.qx_lo, 16) : 0;
   win.base = win.qx_lo - win.ox0 + s.pad_w;
@@ -227,6 +305,21 @@ __device__ __forceinline__ bool on_band(int base, int d, int kw) {
 
 // Whether image rows [y0, y0 + 16) miss [0, h) entirely (the rows are zero padding).
 __device__ __forceinline__ bool rows_in_padding(int y0, int h) { return y0 + 16 <= 0 || y0 >= h; }
+
+// Stages the input rows that output rows [oy0, oy0 + rows) of image n reach, over the window's
+// columns, into dst (x_pitch rows of in_cols + 8). Returns the tile row holding input row
+// oy0 - pad_h: 0, or up to 7 when vectors down columns must start on an aligned row.
+template <typename T>
+__device__ __forceinline__ int stage_input_rows(T* dst, const RowsPlan& p, const T* x, int n, int c,
+                                                int oy0, const ColumnWindow& win, bool valid) {
+  const ConvShape& s = p.s;
+  const int row0 = oy0 - s.pad_h;
+  const int shift = p.in.down ? (row0 % p.in.vec + p.in.vec) % p.in.vec : 0;
+  const int rows = p.in.down ? round_up(p.x_rows + shift, p.in.vec) : p.x_rows;
+  stage_tile(dst, p.in_cols + 8, rows, p.in_cols, x + n * s.in_stride[0] + c * s.in_stride[1],
+             s.in_stride[2], s.in_stride[3], row0 - shift, win.qx_lo, s.H, s.W, valid, p.in);
+  return shift;
+}
 
 // grid (C, col_tiles * row_tiles, image_blocks), 256 threads.
 template <typename T>
@@ -251,7 +344,7 @@ __global__ void __launch_bounds__(kThreads) rows_forward_kernel(const T* __restr
   // the inputs and tiles once the products are done.
   unsigned short* kp = reinterpret_cast<unsigned short*>(smem4);
   T* xs = reinterpret_cast<T*>(kp + round_up(s.kh * kp_len, 8));
-  T* ts = xs + p.images * p.x_rows * ldx;
+  T* ts = xs + p.images * p.x_pitch * ldx;
   float* os = reinterpret_cast<float*>(xs);
   const int ldo = p.cols + 4;
 
@@ -260,12 +353,10 @@ __global__ void __launch_bounds__(kThreads) rows_forward_kernel(const T* __restr
     const int i = e / kp_len, j = e - i * kp_len - kKernelPad;
     kp[e] = bits_of(from_float<T>(j >= 0 && j < s.kw ? wc[i * s.kw + j] : 0.f));
   }
-  for (int g = 0; g < p.images; ++g) {
-    const int n = min(n0 + g, s.N - 1);
-    stage_tile(xs + g * p.x_rows * ldx, ldx, p.x_rows, p.in_cols,
-               x + n * s.in_stride[0] + c * s.in_stride[1], s.in_stride[2], s.in_stride[3],
-               oy0 - s.pad_h, win.qx_lo, s.H, s.W, n0 + g < s.N && win.in_cols > 0, p.in_vec);
-  }
+  int x_shift = 0;
+  for (int g = 0; g < p.images; ++g)
+    x_shift = stage_input_rows(xs + g * p.x_pitch * ldx, p, x, min(n0 + g, s.N - 1), c, oy0, win,
+                               n0 + g < s.N && win.in_cols > 0);
   cp_async_wait_all();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -304,7 +395,7 @@ __global__ void __launch_bounds__(kThreads) rows_forward_kernel(const T* __restr
         const int g = mt / row_steps, rt = mt - g * row_steps;
         active[m] = g < p.images && n0 + g < s.N && oy0 + rt * 16 < s.Ho &&
                     !rows_in_padding(oy0 + rt * 16 + i - s.pad_h, s.H);
-        a_rows[m] = xs + (g * p.x_rows + rt * 16 + i) * ldx + lane_offset(lane, ldx);
+        a_rows[m] = xs + (g * p.x_pitch + x_shift + rt * 16 + i) * ldx + lane_offset(lane, ldx);
       }
       bool any_active = false;
 #pragma unroll
@@ -356,14 +447,17 @@ __global__ void __launch_bounds__(kThreads) rows_forward_kernel(const T* __restr
   for (int g = 0; g < p.images && n0 + g < s.N; ++g) {
     T* out = y + (n0 + g) * s.out_stride[0] + c * s.out_stride[1];
     const float* src = os + g * p.rows * ldo;
-    if (p.out_vec == 8) {
-      store_rows<8>(out + oy0 * s.out_stride[2] + win.ox0, s.out_stride[2], src, ldo, out_rows,
-                    out_cols, b);
-      continue;
-    }
-    if (p.out_vec == 2) {
-      store_rows<2>(out + oy0 * s.out_stride[2] + win.ox0, s.out_stride[2], src, ldo, out_rows,
-                    out_cols, b);
+    T* corner = out + oy0 * s.out_stride[2] + win.ox0 * s.out_stride[3];
+    if (p.out.vec > 1) {
+      if (p.out.down && p.out.vec == 8) {
+        store_down_columns<8>(corner, s.out_stride[3], src, ldo, out_rows, out_cols, b);
+      } else if (p.out.down) {
+        store_down_columns<2>(corner, s.out_stride[3], src, ldo, out_rows, out_cols, b);
+      } else if (p.out.vec == 8) {
+        store_rows<8>(corner, s.out_stride[2], src, ldo, out_rows, out_cols, b);
+      } else {
+        store_rows<2>(corner, s.out_stride[2], src, ldo, out_rows, out_cols, b);
+      }
       continue;
     }
     for (int e = threadIdx.x; e < out_rows * out_cols; e += kThreads) {
@@ -409,7 +503,7 @@ __global__ void __launch_bounds__(kThreads, 2) rows_weight_grad_kernel(const T* 
   float* part = dwacc + round_up(taps, 4);  // two buffers (alternate passes) of kPartFloats
   float* scratch = part + 2 * kPartFloats;  // per warp 16 x kScratchPitch
   T* xs = reinterpret_cast<T*>(scratch + kWarps * 16 * kScratchPitch);
-  T* ds = xs + p.images * p.x_rows * ldx;
+  T* ds = xs + p.images * p.x_pitch * ldx;
   for (int e = threadIdx.x; e < taps; e += kThreads) dwacc[e] = 0.f;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -424,18 +518,16 @@ __global__ void __launch_bounds__(kThreads, 2) rows_weight_grad_kernel(const T* 
 
   const int n_begin = blockIdx.z * p.images_per_block;
   const int n_end = min(s.N, n_begin + p.images_per_block);
-  int pass = 0;
+  int pass = 0, x_shift = 0;
   for (int n0 = n_begin; n0 < n_end && k_tiles > 0; n0 += p.images) {
     __syncthreads();  // the previous chunk's products are done with xs and ds
     for (int g = 0; g < p.images; ++g) {
       const int n = min(n0 + g, s.N - 1);
       const bool valid = n0 + g < n_end;
-      stage_tile(xs + g * p.x_rows * ldx, ldx, p.x_rows, p.in_cols,
-                 x + n * s.in_stride[0] + c * s.in_stride[1], s.in_stride[2], s.in_stride[3],
-                 oy0 - s.pad_h, win.qx_lo, s.H, s.W, valid, p.in_vec);
+      x_shift = stage_input_rows(xs + g * p.x_pitch * ldx, p, x, n, c, oy0, win, valid);
       stage_tile(ds + g * p.rows * ldd, ldd, p.rows, p.cols,
                  dy + n * s.out_stride[0] + c * s.out_stride[1], s.out_stride[2], s.out_stride[3],
-                 oy0, win.ox0, s.Ho, s.Wo, valid, p.out_vec);
+                 oy0, win.ox0, s.Ho, s.Wo, valid, p.out);
     }
     cp_async_wait_all();
     __syncthreads();
@@ -459,7 +551,7 @@ __global__ void __launch_bounds__(kThreads, 2) rows_weight_grad_kernel(const T* 
               const int i = row0 + r;
               if (i >= s.kh || rows_in_padding(oy0 + rt * 16 + i - s.pad_h, s.H)) continue;
               unsigned b[4];
-              ldsm_x4_trans(b, xs + (g * p.x_rows + rt * 16 + i) * ldx + kt * 16 +
+              ldsm_x4_trans(b, xs + (g * p.x_pitch + x_shift + rt * 16 + i) * ldx + kt * 16 +
                                    lane_offset(lane, ldx));
 #pragma unroll
               for (int mt = 0; mt < 4; ++mt) {
@@ -525,6 +617,8 @@ RowsPlan plan_columns_and_rows(const ConvShape& s) {
   p.row_tiles = ceil_div(s.Ho, kMaxRows);
   p.rows = round_up(ceil_div(s.Ho, p.row_tiles), 16);
   p.x_rows = p.rows + s.kh - 1;
+  // Vectors down the columns of a transposed view start up to 7 rows early (stage_input_rows).
+  p.x_pitch = s.in_stride[2] == 1 ? round_up(p.x_rows + 7, 8) : p.x_rows;
   return p;
 }
 
@@ -535,7 +629,7 @@ int64_t kernel_rows_bytes(const ConvShape& s) {
 int band_tiles(const RowsPlan& p) { return p.in_cols / 16 + p.cols / 16 - 1; }
 
 int64_t forward_smem(const RowsPlan& p) {
-  const int64_t inputs = 2LL * p.images * p.x_rows * (p.in_cols + 8);
+  const int64_t inputs = 2LL * p.images * p.x_pitch * (p.in_cols + 8);
   const int64_t tiles = 2LL * p.kernel_rows_per_chunk * band_tiles(p) * kTileElems;
   const int64_t staging = 4LL * p.images * p.rows * (p.cols + 4);
   return kernel_rows_bytes(p.s) + std::max(inputs + tiles, staging);
@@ -544,7 +638,7 @@ int64_t forward_smem(const RowsPlan& p) {
 int64_t weight_grad_smem(const RowsPlan& p) {
   const int64_t fixed = 4LL * (round_up(p.s.kh * p.s.kw, 4) + 2 * kWarps * kGradRowsPerWarp * 64 +
                                kWarps * 16 * kScratchPitch);
-  const int64_t per_image = 2LL * (p.x_rows * (p.in_cols + 8) + p.rows * (p.cols + 8));
+  const int64_t per_image = 2LL * (p.x_pitch * (p.in_cols + 8) + p.rows * (p.cols + 8));
   return fixed + per_image * p.images;
 }
 
@@ -571,16 +665,22 @@ RowsPlan plan_weight_grad(const ConvShape& s, int num_sms) {
   return p;
 }
 
-// Elements per vector access of a plane: 8 or 2 when its rows are contiguous and every plane row
-// starts on a multiple of that many elements (and `w` is one), else 1.
-int vector_width(const void* data, const int64_t* stride, int w) {
+// How to read or write a plane of h x w: V = 8 or 2 elements at a time along its rows when they
+// are contiguous, or down its columns when those are (an H/W-transposed NCHW view), provided every
+// vector starts on a multiple of V elements and the extent it runs along is one; else scalar.
+Access plane_access(const void* data, const int64_t* stride, int h, int w) {
   const auto address = reinterpret_cast<uintptr_t>(data);
-  for (const int v : {8, 2}) {
-    if (stride[3] == 1 && stride[2] % v == 0 && stride[1] % v == 0 && stride[0] % v == 0 &&
-        w % v == 0 && address % (2 * v) == 0)
-      return v;
+  for (const bool down : {false, true}) {
+    const int64_t unit = down ? stride[2] : stride[3];
+    const int64_t across = down ? stride[3] : stride[2];
+    const int extent = down ? h : w;
+    for (const int v : {8, 2}) {
+      if (unit == 1 && across % v == 0 && stride[1] % v == 0 && stride[0] % v == 0 &&
+          extent % v == 0 && address % (2 * v) == 0)
+        return Access{v, down};
+    }
   }
-  return 1;
+  return Access{1, false};
 }
 
 template <typename Kernel>
@@ -594,8 +694,8 @@ template <typename T>
 cudaError_t rows_forward_typed(const void* x, const float* weight, const float* bias, void* y,
                                const ConvShape& s, cudaStream_t stream) {
   RowsPlan p = plan_forward(s);
-  p.in_vec = vector_width(x, s.in_stride, s.W);
-  p.out_vec = vector_width(y, s.out_stride, s.Wo);
+  p.in = plane_access(x, s.in_stride, s.H, s.W);
+  p.out = plane_access(y, s.out_stride, s.Ho, s.Wo);
   const int64_t smem = forward_smem(p);
   cudaError_t err = allow_smem(rows_forward_kernel<T>, smem);
   if (err != cudaSuccess) return err;
@@ -609,8 +709,8 @@ template <typename T>
 cudaError_t rows_weight_grad_typed(DType dtype, const void* x, const void* dy, float* workspace,
                                    void* dw, const ConvShape& s, int num_sms, cudaStream_t stream) {
   RowsPlan p = plan_weight_grad(s, num_sms);
-  p.in_vec = vector_width(x, s.in_stride, s.W);
-  p.out_vec = vector_width(dy, s.out_stride, s.Wo);
+  p.in = plane_access(x, s.in_stride, s.H, s.W);
+  p.out = plane_access(dy, s.out_stride, s.Ho, s.Wo);
   const int64_t smem = weight_grad_smem(p);
   cudaError_t err = allow_smem(rows_weight_grad_kernel<T>, smem);
   if (err != cudaSuccess) return err;
