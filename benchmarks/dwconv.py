@@ -37,6 +37,11 @@ SHAPES = {
     "slak_s3_47x5": (64, 499, 14, (47, 5)),
     "o1d_s1_1x31": (64, 96, 56, (1, 31)), "o1d_s1_31x1": (64, 96, 56, (31, 1)),
     "cnx_s1_k7": (64, 96, 56, (7, 7)), "cnx_s3_k7": (64, 384, 14, (7, 7)),
+    # RepLKNet-31B's parallel 5x5 branches and UniRepLKNet-T's 3x3 blocks (not in the issue's
+    # table; they decide the models' dispatch)
+    "r31b224_s1_k5": (64, 128, 56, (5, 5)), "r31b224_s2_k5": (64, 256, 28, (5, 5)),
+    "r31b224_s3_k5": (64, 512, 14, (5, 5)),
+    "uni_s1_k3": (64, 80, 56, (3, 3)), "uni_s3_k3": (64, 320, 14, (3, 3)),
 }
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DIRECTIONS = ("fwd", "dgrad", "wgrad", "f+b")

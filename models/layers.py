@@ -79,20 +79,22 @@ def _kernel_wins(x: torch.Tensor, kh: int, kw: int, training: bool) -> bool:
     """Where lknets' kernel measured faster than torch's path for the same input
     (benchmarks/RESULTS.md, bf16/fp16/fp32).
 
-    Training (forward + both gradients): every large kernel on NCHW input, where torch runs ATen's
-    slow generic depthwise kernels; small kernels (up to 7x7) on channels_last input stay on cuDNN.
-    Inference (forward only): in fp16/bf16 (input dtype, or the autocast dtype) every large kernel
-    (our tensor-core path); in fp32 torch's forward wins where the map is much smaller than the
-    kernel (RepLKNet stages 3-4: most taps fall in the padding).
+    Training (forward + both gradients): on NCHW input every kernel of 31 taps and more (torch runs
+    ATen's slow generic depthwise kernels there) and, in fp16/bf16 (input dtype, or the autocast
+    dtype), from 5x5 up (RepLKNet's parallel 5x5 branches: 2-3.9x); kernels of up to 7x7 on
+    channels_last input stay on cuDNN, which wins there. Inference (forward only): in fp16/bf16
+    the same kernels; in fp32 torch's forward wins where the map is much smaller than the kernel
+    (RepLKNet stages 3-4: most taps fall in the padding).
     """
-    if kh * kw < 31:
+    autocast = torch.is_autocast_enabled("cuda")
+    dtype = torch.get_autocast_dtype("cuda") if autocast else x.dtype
+    sixteen_bit = dtype in (torch.float16, torch.bfloat16)
+    if kh * kw < (25 if sixteen_bit else 31):
         return False
     if kh * kw <= 49 and x.is_contiguous(memory_format=torch.channels_last):
         return False
     if not training:
-        autocast = torch.is_autocast_enabled("cuda")
-        dtype = torch.get_autocast_dtype("cuda") if autocast else x.dtype
-        return dtype != torch.float32 or 2 * x.shape[-2] * x.shape[-1] >= kh * kw
+        return sixteen_bit or 2 * x.shape[-2] * x.shape[-1] >= kh * kw
     return True
 
 

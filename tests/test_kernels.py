@@ -82,6 +82,23 @@ def test_dispatch_uses_torch_on_cpu_and_honours_legacy_env(monkeypatch):
     assert layers.get_lk_impl() == "torch"
 
 
+@pytest.mark.parametrize("dtype,k,layout,training,expected", [
+    (torch.bfloat16, 5, "nchw", True, True),       # RepLKNet's 5x5 branch: ours from 5x5 in 16-bit
+    (torch.float16, 5, "nchw", False, True),
+    (torch.float32, 5, "nchw", True, False),       # fp32 direct kernel: only from 31 taps
+    (torch.bfloat16, 3, "nchw", True, False),
+    (torch.bfloat16, 7, "channels_last", True, False),  # cuDNN's channels_last kernels win
+    (torch.bfloat16, 13, "channels_last", True, True),
+    (torch.float32, 27, "nchw", True, True),
+    (torch.float32, 27, "nchw", False, False),     # fp32 inference, 14x14 map: torch's forward
+    (torch.float32, 13, "nchw", False, True),      # 2 * 14 * 14 >= 13 * 13
+])
+def test_auto_dispatch_rule(dtype, k, layout, training, expected):
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.empty(2, 8, 14, 14, dtype=dtype).contiguous(memory_format=fmt)
+    assert layers._kernel_wins(x, k, k, training) is expected
+
+
 def test_importing_kernels_compiles_nothing():
     assert not kernels.ops._state["loaded"] or kernels.is_built() or torch.cuda.is_available()
 
