@@ -32,7 +32,7 @@ setup(
     version="0.1.0",
     description="Large-kernel ConvNets (RepLKNet, SLaK, UniRepLKNet, ConvNeXt) with fast depthwise kernels",
     packages=find_packages(include=["models", "models.*", "kernels", "kernels.*"]),
-    package_data={"kernels": ["csrc/*.cpp", "csrc/*.cu", "csrc/*.h"]},
+    package_data={"kernels": ["csrc/*.cpp", "csrc/*.cu", "csrc/*.cuh", "csrc/*.h"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     python_requires=">=3.9",

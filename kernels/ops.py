@@ -5,9 +5,11 @@ autograd) whether or not the CUDA extension is built; the extension is loaded, o
 cached, on the first call that runs on a GPU. The weight gradient is deterministic: per-block
 partial sums are reduced in a fixed order, with no atomics.
 
-The extension picks, per shape, between a direct CUDA-core kernel and a tensor-core (GEMM)
-formulation for fp16/bf16 (see benchmarks/RESULTS.md); the environment variable
-``LKNETS_DWCONV_ALGO=direct|gemm`` forces one where it applies (benchmarks, tests).
+The extension runs fp32 on a direct CUDA-core kernel and fp16/bf16 on one of three tensor-core
+(GEMM) formulations chosen by plane size: the plane GEMM up to 8x8, the small-plane GEMM up to
+16x16, the row-Toeplitz GEMM beyond (see benchmarks/RESULTS.md). The environment variable
+``LKNETS_DWCONV_ALGO=direct|gemm|small|rows`` forces one where it takes the shape (benchmarks,
+tests). The tensor-core paths are NCHW-native: other layouts are read and written through strides.
 """
 from __future__ import annotations
 

@@ -83,10 +83,12 @@ def test_dispatch_uses_torch_on_cpu_and_honours_legacy_env(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype,k,layout,training,expected", [
-    (torch.bfloat16, 5, "nchw", True, True),       # RepLKNet's 5x5 branch: ours from 5x5 in 16-bit
+    (torch.bfloat16, 5, "nchw", True, True),       # RepLKNet's 5x5 branch: ours from 3x3 in 16-bit
     (torch.float16, 5, "nchw", False, True),
     (torch.float32, 5, "nchw", True, False),       # fp32 direct kernel: only from 31 taps
-    (torch.bfloat16, 3, "nchw", True, False),
+    (torch.bfloat16, 3, "nchw", True, True),       # UniRepLKNet's 3x3 blocks too
+    (torch.bfloat16, 2, "nchw", True, False),
+    (torch.float16, 3, "channels_last", True, False),
     (torch.bfloat16, 7, "channels_last", True, False),  # cuDNN's channels_last kernels win
     (torch.bfloat16, 13, "channels_last", True, True),
     (torch.float32, 27, "nchw", True, True),
@@ -185,12 +187,12 @@ def test_all_directions_match_float64(shape, k, dtype):
     _check_all_directions(shape, k, dtype, "nchw")
 
 
-# Shapes around the formulation boundaries (LKNETS_DWCONV_ALGO forces one where it applies): the
-# plane-GEMM forward works on blocks of up to 128 output pixels and 64 batch entries and multiplies
-# only the input rows a block reaches; the plane-GEMM weight gradient takes planes of up to 256
-# pixels (16-padded; "gemm" runs the row-Toeplitz GEMM beyond that). The row-Toeplitz GEMM tiles
-# outputs in blocks of up to 64 x 64 and skips band tiles and padding rows; 16-bit planes over 16x16
-# use it by default.
+# Shapes around the formulation boundaries (LKNETS_DWCONV_ALGO forces one where it takes the shape,
+# else the row-Toeplitz GEMM runs). The plane GEMM (default up to 8x8) works on blocks of up to 128
+# output pixels and 64 batch entries, its weight gradient on planes of up to 256 pixels (16-padded);
+# the small-plane GEMM (default up to 16x16) on planes of up to 16x16 in blocks of 64 images; the
+# row-Toeplitz GEMM (default beyond) tiles outputs in blocks of up to 64 x 64, skips band tiles and
+# padding rows, and reads H/W-transposed views with vectors down their columns.
 ALGO_SHAPES = [
     ((70, 5, 16, 16), (13, 13)),     # largest tensor-core weight-grad plane, two batch blocks
     ((3, 6, 17, 15), (13, 13)),      # 255-pixel plane: 16-padded to 256
@@ -202,11 +204,13 @@ ALGO_SHAPES = [
     ((3, 2, 21, 100), (1, 31)),
     ((3, 4, 40, 24), (29, 3)),       # H/W-transposed view: 8-element vectors down its columns
     ((2, 3, 26, 18), (9, 5)),        # the same with 2-element vectors
+    ((4, 5, 14, 11), (13, 3)),       # small plane, H/W-transposed view
+    ((66, 4, 9, 16), (27, 27)),      # small plane, kernel larger than the image, two image blocks
 ]
 
 
 @gpu
-@pytest.mark.parametrize("algo", ["direct", "gemm", "rows"])
+@pytest.mark.parametrize("algo", ["direct", "gemm", "rows", "small"])
 @pytest.mark.parametrize("shape,k", ALGO_SHAPES, ids=[f"{s}-{k[0]}x{k[1]}" for s, k in ALGO_SHAPES])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_both_formulations_match_float64(shape, k, dtype, algo, monkeypatch):
@@ -217,18 +221,19 @@ def test_both_formulations_match_float64(shape, k, dtype, algo, monkeypatch):
 
 @gpu
 @pytest.mark.parametrize("layout", ["channels_last", "noncontig"])
-@pytest.mark.parametrize("algo", ["direct", "gemm", "rows"])
+@pytest.mark.parametrize("algo", ["direct", "gemm", "rows", "small"])
 def test_both_formulations_read_any_layout(layout, algo, monkeypatch):
     monkeypatch.setenv("LKNETS_DWCONV_ALGO", algo)
     _check_all_directions((4, 6, 14, 13), (13, 13), torch.bfloat16, layout)
 
 
 @gpu
-@pytest.mark.parametrize("algo", ["gemm", "rows"])
+@pytest.mark.parametrize("algo", ["gemm", "rows", "small"])
 @pytest.mark.parametrize("pad", [(0, 0), (2, 7), (9, 9)])
 def test_tensor_core_explicit_padding(pad, algo, monkeypatch):
     monkeypatch.setenv("LKNETS_DWCONV_ALGO", algo)
-    _check_all_directions((2, 5, 17, 15), (7, 7), torch.float16, "nchw", pad=pad, bias=False)
+    shape = (2, 5, 9, 8) if algo == "small" else (2, 5, 17, 15)  # small: planes of <= 16x16
+    _check_all_directions(shape, (7, 7), torch.float16, "nchw", pad=pad, bias=False)
 
 
 @gpu
@@ -247,9 +252,9 @@ def test_explicit_padding(pad):
 
 @gpu
 @pytest.mark.parametrize("size,k,dtype", [(28, 29, torch.bfloat16),  # row-Toeplitz GEMM
-                                          (14, 27, torch.bfloat16),  # plane GEMM
+                                          (14, 27, torch.bfloat16),  # small-plane GEMM
                                           (28, 29, torch.float32)],  # direct kernel
-                         ids=["rows", "gemm", "direct"])
+                         ids=["rows", "small", "direct"])
 def test_weight_grad_is_deterministic(size, k, dtype):
     x = torch.randn(80, 32, size, size, device="cuda", dtype=dtype)
     dy = torch.randn_like(x)

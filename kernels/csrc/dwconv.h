@@ -53,6 +53,16 @@ cudaError_t launch_weight_grad_rows(DType dtype, const void* x, const void* grad
                                     float* workspace, void* grad_weight, const ConvShape& shape,
                                     int num_sms, cudaStream_t stream);
 
+// Small-plane tensor-core formulation for fp16 / bf16 (dwconv_small.cu): planes of at most 16x16,
+// the batch as the GEMM's M; its weight gradient needs no workspace.
+bool small_supported(DType dtype, const ConvShape& shape);
+cudaError_t launch_forward_small(DType dtype, const void* x, const float* weight,
+                                 const float* bias, void* y, const ConvShape& shape,
+                                 cudaStream_t stream);
+cudaError_t launch_weight_grad_small(DType dtype, const void* x, const void* grad_out,
+                                     void* grad_weight, const ConvShape& shape,
+                                     cudaStream_t stream);
+
 // out[i] = sum over k < num_partials of partials[k * count + i], in that order, cast to `dtype`.
 cudaError_t launch_reduce_partials(DType dtype, const float* partials, int num_partials,
                                    int64_t count, void* out, cudaStream_t stream);

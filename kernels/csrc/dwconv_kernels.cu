@@ -402,9 +402,9 @@ cudaError_t weight_grad_typed(const void* x, const void* dy, float* workspace, v
                                 int64_t(s.C) * s.kh * s.kw, dw, stream);
 }
 
-enum class Algo { kAuto, kDirect, kGemm, kRows };
+enum class Algo { kAuto, kDirect, kGemm, kRows, kSmall };
 
-// LKNETS_DWCONV_ALGO=direct|gemm|rows forces one formulation where it applies (benchmarks, tests);
+// LKNETS_DWCONV_ALGO=direct|gemm|rows|small forces one formulation where it applies (benchmarks, tests);
 // unset or anything else: by shape.
 Algo forced_algo() {
   const char* v = std::getenv("LKNETS_DWCONV_ALGO");
@@ -412,18 +412,26 @@ Algo forced_algo() {
   if (std::strcmp(v, "direct") == 0) return Algo::kDirect;
   if (std::strcmp(v, "gemm") == 0) return Algo::kGemm;
   if (std::strcmp(v, "rows") == 0) return Algo::kRows;
+  if (std::strcmp(v, "small") == 0) return Algo::kSmall;
   return Algo::kAuto;
 }
 
 // fp32 always runs the direct kernels (the tensor-core paths take 16-bit operands). For fp16 /
-// bf16 the plane GEMM takes planes of up to 256 pixels (16x16) and the row-Toeplitz GEMM larger
-// ones, which is where each measured fastest (H100, benchmarks/RESULTS.md).
+// bf16, where each measured fastest (H100, benchmarks/RESULTS.md): the plane GEMM for planes of up
+// to 8x8, the small-plane GEMM up to 16x16, the row-Toeplitz GEMM beyond. A forced formulation
+// that does not take the shape falls back to the row-Toeplitz GEMM, which takes every 16-bit shape.
 Algo choose(DType dtype, const ConvShape& s, bool plane_gemm_supported) {
   if (dtype == DType::kFloat32) return Algo::kDirect;
-  const Algo forced = forced_algo();
-  if (forced == Algo::kGemm && !plane_gemm_supported) return Algo::kRows;
-  if (forced != Algo::kAuto) return forced;
-  return plane_gemm_supported && s.H * s.W <= 16 * 16 ? Algo::kGemm : Algo::kRows;
+  const bool small = small_supported(dtype, s);
+  switch (forced_algo()) {
+    case Algo::kDirect: return Algo::kDirect;
+    case Algo::kGemm: return plane_gemm_supported ? Algo::kGemm : Algo::kRows;
+    case Algo::kSmall: return small ? Algo::kSmall : Algo::kRows;
+    case Algo::kRows: return Algo::kRows;
+    default: break;
+  }
+  if (plane_gemm_supported && s.H * s.W <= 8 * 8) return Algo::kGemm;
+  return small ? Algo::kSmall : Algo::kRows;
 }
 
 Algo choose_forward(DType dtype, const ConvShape& s) {
@@ -441,6 +449,7 @@ cudaError_t launch_forward(DType dtype, const void* x, const float* weight, cons
   switch (choose_forward(dtype, shape)) {
     case Algo::kGemm: return launch_forward_gemm(dtype, x, weight, bias, y, shape, stream);
     case Algo::kRows: return launch_forward_rows(dtype, x, weight, bias, y, shape, stream);
+    case Algo::kSmall: return launch_forward_small(dtype, x, weight, bias, y, shape, stream);
     default: break;
   }
   switch (dtype) {
@@ -454,6 +463,7 @@ cudaError_t launch_forward(DType dtype, const void* x, const float* weight, cons
 int64_t weight_grad_workspace_floats(DType dtype, const ConvShape& shape) {
   switch (choose_weight_grad(dtype, shape)) {
     case Algo::kGemm: return 0;
+    case Algo::kSmall: return 0;
     case Algo::kRows: return rows_weight_grad_workspace_floats(shape, device_sms());
     default: break;
   }
@@ -469,6 +479,8 @@ cudaError_t launch_weight_grad(DType dtype, const void* x, const void* grad_out,
     case Algo::kRows:
       return launch_weight_grad_rows(dtype, x, grad_out, workspace, grad_weight, shape,
                                      device_sms(), stream);
+    case Algo::kSmall:
+      return launch_weight_grad_small(dtype, x, grad_out, grad_weight, shape, stream);
     default: break;
   }
   switch (dtype) {

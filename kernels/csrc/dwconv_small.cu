@@ -1,0 +1,299 @@
+// Small-plane tensor-core formulation for fp16 / bf16 (planes of at most 16 x 16): the batch is M.
+//
+// With at most 16 columns every image row is one 16-wide tile, so kernel row i is one 16x16
+// Toeplitz tile T_i (input columns x output columns, T_i[qx][ox] = K[i][qx - ox + pw]) and
+// out[n][oy][:] = sum over input rows qy of x[n][qy][:] T_{qy - oy + ph}. A block owns one channel
+// and 64 images: it stages their planes as rows (qy, n) of 16 columns, builds the kh tiles once,
+// and warp w computes output rows w and w + 8 of every image, one m16n8k16 pair per 16 images and
+// (input row, output row) pair within the kernel's reach; pairs out of reach are skipped.
+// Weight gradient: G_i = sum over output rows oy and images of dy[:, oy, :]^T x[:, oy + i - ph, :]
+// (output columns x input columns), warp w owning kernel rows w, w + 8, ...; dw[i][j] is the sum
+// of G_i's diagonal j. One block per channel goes through all images in a fixed order, so the
+// result is deterministic and needs no workspace.
+#include "dwconv.h"
+#include "tensor_core.cuh"
+
+namespace lknets {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+constexpr int kImages = 64;          // images staged together: 4 M tiles
+constexpr int kPlane = 16;           // the largest plane side
+constexpr int kPitch = 24;           // elements per staged 16-wide row: ldmatrix without conflicts
+constexpr int kTileElems = 16 * kPitch;
+constexpr int kMaxRowsPerWarp = 8;   // weight grad: kernel rows per warp (63 over 8 warps)
+constexpr int kScratchPitch = 20;    // weight grad: a warp's 16x16 fp32 scratch tile
+
+// Rows (y, g) of dst, y < h, g < kImages, hold row y of image n0 + g, columns 0..15 (zero at
+// columns >= w and images >= N); loads are batched so that several are in flight per thread.
+template <typename T>
+__device__ __forceinline__ void stage_planes(T* dst, const T* __restrict__ src,
+                                            const int64_t* stride, int c, int n0, int N, int h,
+                                            int w) {
+  constexpr int kBatch = 8;
+  const int total = h * kImages * kPlane;
+  unsigned short* out = reinterpret_cast<unsigned short*>(dst);
+  const T* channel = src + c * stride[1];
+  for (int e0 = threadIdx.x; e0 < total; e0 += kBatch * kThreads) {
+    unsigned short v[kBatch];
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int e = e0 + u * kThreads;
+      const int col = e % kPlane, g = (e / kPlane) % kImages, y = e / (kPlane * kImages);
+      const int n = n0 + g;
+      v[u] = 0;
+      if (e < total && col < w && n < N)
+        v[u] = bits_of(channel[n * stride[0] + y * stride[2] + col * stride[3]]);
+    }
+#pragma unroll
+    for (int u = 0; u < kBatch; ++u) {
+      const int e = e0 + u * kThreads;
+      if (e < total) out[(e / kPlane) * kPitch + e % kPlane] = v[u];
+    }
+  }
+}
+
+// grid (C, ceil(N / 64)), 256 threads; P = ceil(Ho / 8) output rows per warp (fewer registers,
+// more resident blocks, for planes of up to 8 rows).
+template <typename T, int P>
+__global__ void __launch_bounds__(kThreads) small_forward_kernel(const T* __restrict__ x,
+                                                                 const float* __restrict__ weight,
+                                                                 const float* __restrict__ bias,
+                                                                 T* __restrict__ y, ConvShape s,
+                                                                 bool pair_stores) {
+  extern __shared__ float4 smem4[];
+  const int c = blockIdx.x, n0 = blockIdx.y * kImages;
+  T* ts = reinterpret_cast<T*>(smem4);  // kh Toeplitz tiles
+  T* xs = ts + s.kh * kTileElems;       // H * kImages staged rows
+  float* ks = reinterpret_cast<float*>(xs + s.H * kImages * kPitch);
+
+  const float* wc = weight + static_cast<int64_t>(c) * s.kh * s.kw;
+  for (int e = threadIdx.x; e < s.kh * s.kw; e += kThreads) ks[e] = wc[e];
+  stage_planes(xs, x, s.in_stride, c, n0, s.N, s.H, s.W);
+  __syncthreads();
+  for (int e = threadIdx.x; e < s.kh * 256; e += kThreads) {
+    const int i = e / 256, r = (e / 16) % 16, col = e % 16;
+    const int j = r - col + s.pad_w;
+    ts[i * kTileElems + r * kPitch + col] =
+        from_float<T>(j >= 0 && j < s.kw ? ks[i * s.kw + j] : 0.f);
+  }
+  __syncthreads();
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int m_tiles = min(kImages, s.N - n0 + 15) / 16;
+  float acc[4][P][2][4] = {};
+  for (int qy = 0; qy < s.H; ++qy) {
+    int row[P];
+    bool reach[P];
+    bool any = false;
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+      const int oy = warp + kWarps * p;
+      row[p] = qy - oy + s.pad_h;
+      reach[p] = oy < s.Ho && row[p] >= 0 && row[p] < s.kh;
+      any |= reach[p];
+    }
+    if (!any) continue;
+    unsigned a[4][4];
+#pragma unroll
+    for (int m = 0; m < 4; ++m)
+      if (m < m_tiles) ldsm_x4(a[m], xs + (qy * kImages + m * 16) * kPitch + lane_offset(lane, kPitch));
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+      if (!reach[p]) continue;
+      unsigned b[4];
+      ldsm_x4_trans(b, ts + row[p] * kTileElems + lane_offset(lane, kPitch));
+#pragma unroll
+      for (int m = 0; m < 4; ++m) {
+        if (m >= m_tiles) continue;
+        mma<T>(acc[m][p][0], a[m], b[0], b[1]);
+        mma<T>(acc[m][p][1], a[m], b[2], b[3]);
+      }
+    }
+  }
+
+  // Accumulator element e of an m16n8 tile: image row lane / 4 + 8 * (e / 2), column
+  // 2 * (lane % 4) + e % 2.
+  const float b = bias ? bias[c] : 0.f;
+  T* out = y + c * s.out_stride[1];
+#pragma unroll
+  for (int m = 0; m < 4; ++m) {
+#pragma unroll
+    for (int p = 0; p < P; ++p) {
+      const int oy = warp + kWarps * p;
+      if (m >= m_tiles || oy >= s.Ho) continue;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+#pragma unroll
+        for (int half = 0; half < 2; ++half) {
+          const int n = n0 + m * 16 + lane / 4 + 8 * half;
+          const int ox = h * 8 + 2 * (lane % 4);
+          if (n >= s.N || ox >= s.Wo) continue;
+          T* dst = out + n * s.out_stride[0] + oy * s.out_stride[2] + ox * s.out_stride[3];
+          const T v0 = from_float<T>(acc[m][p][h][2 * half] + b);
+          const T v1 = from_float<T>(acc[m][p][h][2 * half + 1] + b);
+          if (pair_stores) {
+            *reinterpret_cast<unsigned*>(dst) = unsigned(bits_of(v0)) | (unsigned(bits_of(v1)) << 16);
+          } else {
+            dst[0] = v0;
+            if (ox + 1 < s.Wo) dst[s.out_stride[3]] = v1;
+          }
+        }
+      }
+    }
+  }
+}
+
+// grid (C), 256 threads; dw is (C, kh, kw) contiguous; R >= ceil(kh / 8) kernel rows per warp.
+template <typename T, int R>
+__global__ void __launch_bounds__(kThreads) small_weight_grad_kernel(const T* __restrict__ x,
+                                                                     const T* __restrict__ dy,
+                                                                     T* __restrict__ dw,
+                                                                     ConvShape s) {
+  extern __shared__ float4 smem4[];
+  const int c = blockIdx.x;
+  T* xs = reinterpret_cast<T*>(smem4);   // H * kImages staged input rows
+  T* ds = xs + s.H * kImages * kPitch;   // Ho * kImages staged output-gradient rows
+  float* scratch = reinterpret_cast<float*>(ds + s.Ho * kImages * kPitch);
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  float acc[R][2][4] = {};
+  for (int n0 = 0; n0 < s.N; n0 += kImages) {
+    __syncthreads();  // the previous images' products are done with xs and ds
+    stage_planes(xs, x, s.in_stride, c, n0, s.N, s.H, s.W);
+    stage_planes(ds, dy, s.out_stride, c, n0, s.N, s.Ho, s.Wo);
+    __syncthreads();
+    const int m_tiles = min(kImages, s.N - n0 + 15) / 16;
+    for (int oy = 0; oy < s.Ho; ++oy) {
+      for (int m = 0; m < m_tiles; ++m) {
+        unsigned a[4];
+        ldsm_x4_trans(a, ds + (oy * kImages + m * 16) * kPitch +
+                             lane_offset_transposed_a(lane, kPitch));
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          const int i = warp + kWarps * r;
+          const int qy = oy + i - s.pad_h;
+          if (i >= s.kh || qy < 0 || qy >= s.H) continue;
+          unsigned b[4];
+          ldsm_x4_trans(b, xs + (qy * kImages + m * 16) * kPitch + lane_offset(lane, kPitch));
+          mma<T>(acc[r][0], a, b[0], b[1]);
+          mma<T>(acc[r][1], a, b[2], b[3]);
+        }
+      }
+    }
+  }
+  // G_i[ox][qx] adds to tap j = qx - ox + pw; lanes take taps, summing over ox in a fixed order.
+  float* mine = scratch + warp * 16 * kScratchPitch;
+  T* out = dw + static_cast<int64_t>(c) * s.kh * s.kw;
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const int i = warp + kWarps * r;
+    if (i >= s.kh) break;
+    __syncwarp();
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float* o = mine + (lane / 4) * kScratchPitch + h * 8 + 2 * (lane % 4);
+      *reinterpret_cast<float2*>(o) = make_float2(acc[r][h][0], acc[r][h][1]);
+      *reinterpret_cast<float2*>(o + 8 * kScratchPitch) = make_float2(acc[r][h][2], acc[r][h][3]);
+    }
+    __syncwarp();
+    for (int j = lane; j < s.kw; j += 32) {
+      float sum = 0.f;
+      for (int ox = 0; ox < s.Wo; ++ox) {
+        const int qx = ox + j - s.pad_w;
+        if (qx >= 0 && qx < s.W) sum += mine[ox * kScratchPitch + qx];
+      }
+      out[i * s.kw + j] = from_float<T>(sum);
+    }
+  }
+}
+
+int64_t forward_smem(const ConvShape& s) {
+  return 2LL * (s.kh * kTileElems + s.H * kImages * kPitch) + 4LL * s.kh * s.kw;
+}
+
+int64_t weight_grad_smem(const ConvShape& s) {
+  return 2LL * (s.H + s.Ho) * kImages * kPitch + 4LL * kWarps * 16 * kScratchPitch;
+}
+
+template <typename Kernel>
+cudaError_t allow_smem(Kernel kernel, int64_t bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              static_cast<int>(bytes));
+}
+
+template <typename T, int P>
+cudaError_t small_forward_typed(const void* x, const float* weight, const float* bias, void* y,
+                                const ConvShape& s, cudaStream_t stream) {
+  const int64_t smem = forward_smem(s);
+  cudaError_t err = allow_smem(small_forward_kernel<T, P>, smem);
+  if (err != cudaSuccess) return err;
+  // Two outputs per 4-byte store when every (row, even column) pair is 4-byte aligned.
+  const bool pair_stores = s.out_stride[3] == 1 && s.out_stride[2] % 2 == 0 &&
+                           s.out_stride[1] % 2 == 0 && s.out_stride[0] % 2 == 0 && s.Wo % 2 == 0 &&
+                           reinterpret_cast<uintptr_t>(y) % 4 == 0;
+  const dim3 grid(s.C, ceil_div(s.N, kImages));
+  small_forward_kernel<T, P><<<grid, kThreads, smem, stream>>>(
+      static_cast<const T*>(x), weight, bias, static_cast<T*>(y), s, pair_stores);
+  return cudaGetLastError();
+}
+
+template <typename T, int R>
+cudaError_t small_weight_grad_typed(const void* x, const void* dy, void* dw, const ConvShape& s,
+                                    cudaStream_t stream) {
+  const int64_t smem = weight_grad_smem(s);
+  cudaError_t err = allow_smem(small_weight_grad_kernel<T, R>, smem);
+  if (err != cudaSuccess) return err;
+  small_weight_grad_kernel<T, R><<<s.C, kThreads, smem, stream>>>(
+      static_cast<const T*>(x), static_cast<const T*>(dy), static_cast<T*>(dw), s);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t small_forward_rows(const void* x, const float* weight, const float* bias, void* y,
+                               const ConvShape& s, cudaStream_t stream) {
+  return s.Ho <= kWarps ? small_forward_typed<T, 1>(x, weight, bias, y, s, stream)
+                        : small_forward_typed<T, 2>(x, weight, bias, y, s, stream);
+}
+
+template <typename T>
+cudaError_t small_weight_grad_rows(const void* x, const void* dy, void* dw, const ConvShape& s,
+                                   cudaStream_t stream) {
+  if (s.kh <= 2 * kWarps) return small_weight_grad_typed<T, 2>(x, dy, dw, s, stream);
+  if (s.kh <= 4 * kWarps) return small_weight_grad_typed<T, 4>(x, dy, dw, s, stream);
+  return small_weight_grad_typed<T, kMaxRowsPerWarp>(x, dy, dw, s, stream);
+}
+
+}  // namespace
+
+bool small_supported(DType dtype, const ConvShape& s) {
+  return dtype != DType::kFloat32 && s.H <= kPlane && s.W <= kPlane && s.Ho <= kPlane &&
+         s.Wo <= kPlane && s.kh <= kMaxRowsPerWarp * kWarps;
+}
+
+cudaError_t launch_forward_small(DType dtype, const void* x, const float* weight,
+                                 const float* bias, void* y, const ConvShape& shape,
+                                 cudaStream_t stream) {
+  switch (dtype) {
+    case DType::kFloat16: return small_forward_rows<__half>(x, weight, bias, y, shape, stream);
+    case DType::kBFloat16:
+      return small_forward_rows<__nv_bfloat16>(x, weight, bias, y, shape, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+cudaError_t launch_weight_grad_small(DType dtype, const void* x, const void* grad_out,
+                                     void* grad_weight, const ConvShape& shape,
+                                     cudaStream_t stream) {
+  switch (dtype) {
+    case DType::kFloat16:
+      return small_weight_grad_rows<__half>(x, grad_out, grad_weight, shape, stream);
+    case DType::kBFloat16:
+      return small_weight_grad_rows<__nv_bfloat16>(x, grad_out, grad_weight, shape, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace lknets
