@@ -167,6 +167,12 @@ def depthwise_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                          f"x {tuple(x.shape)} and weight {tuple(weight.shape)}")
     kh, kw = weight.shape[-2:]
     pad_h, pad_w = (kh // 2, kw // 2) if padding is None else _pair(padding)
+    if not (1 <= kh <= 63 and 1 <= kw <= 63):
+        raise ValueError(f"depthwise_conv2d: kernel sides must be within 1..63, got {kh}x{kw}")
+    if min(pad_h, pad_w) < 0 or min(x.shape[2] + 2 * pad_h - kh, x.shape[3] + 2 * pad_w - kw) < 0:
+        raise ValueError(f"depthwise_conv2d: kernel {kh}x{kw} with padding ({pad_h}, {pad_w}) does "
+                         f"not fit the input {tuple(x.shape)}; padding must be >= 0 and leave at "
+                         "least a 1x1 output")
     if torch.is_autocast_enabled("cuda") and x.is_cuda:
         dtype = torch.get_autocast_dtype("cuda")
         x, weight = x.to(dtype), weight.to(dtype)

@@ -52,6 +52,13 @@ def test_bad_arguments_raise_clear_errors():
         kernels.depthwise_conv2d(x, torch.randn(3, 1, 3, 3))
     with pytest.raises(TypeError, match="must match"):
         kernels.depthwise_conv2d(x, torch.randn(4, 1, 3, 3, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"kernel 9x9 with padding \(0, 0\) does not fit the input "
+                                         r"\(1, 4, 8, 8\)"):
+        kernels.depthwise_conv2d(x, torch.randn(4, 1, 9, 9), padding=0)
+    with pytest.raises(ValueError, match="padding must be >= 0"):
+        kernels.depthwise_conv2d(x, torch.randn(4, 1, 3, 3), padding=(-1, 1))
+    with pytest.raises(ValueError, match="within 1..63, got 65x3"):
+        kernels.depthwise_conv2d(x, torch.randn(4, 1, 65, 3))
     with pytest.raises(ValueError, match="choose one of"):
         layers.set_lk_impl("cutlass")
 
@@ -261,6 +268,17 @@ def test_weight_grad_is_deterministic(size, k, dtype):
     first = torch.ops.lknets.dwconv2d_weight_grad(x, dy, k, k, k // 2, k // 2)
     for _ in range(3):
         assert torch.equal(torch.ops.lknets.dwconv2d_weight_grad(x, dy, k, k, k // 2, k // 2), first)
+
+
+@gpu
+def test_extension_rejects_unsupported_dtypes():
+    # Shape errors are caught in Python (test_bad_arguments_raise_clear_errors): on the H100
+    # machine's build, TORCH_CHECK messages that format integers crashed the process instead of
+    # raising (see kernels/csrc/ops.cpp); the dtype check's message has none and raises.
+    with pytest.raises(RuntimeError, match="dtype Double is not supported"):
+        kernels.load_extension().forward(torch.randn(1, 2, 5, 5, device="cuda", dtype=torch.float64),
+                                         torch.randn(2, 1, 3, 3, device="cuda", dtype=torch.float64),
+                                         None, 1, 1)
 
 
 @gpu

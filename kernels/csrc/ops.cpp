@@ -36,6 +36,10 @@ at::MemoryFormat layout_of(const at::Tensor& t) {
              : at::MemoryFormat::Contiguous;
 }
 
+// Known problem: on the H100 machine's build (g++ 13.3, torch 2.11) a failing TORCH_CHECK whose
+// message formats integers or shapes ended the process with SIGSEGV instead of raising (the dtype
+// check below raises normally; the cause is not found). kernels/ops.py therefore checks shapes,
+// padding and kernel sizes in Python before calling these operators.
 void check_activation(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_cuda(), "lknets depthwise conv: ", name, " must be a CUDA tensor, got ",
               t.device());
