@@ -81,15 +81,18 @@ def _kernel_wins(x: torch.Tensor, kh: int, kw: int, training: bool) -> bool:
 
     Training (forward + both gradients): on NCHW input every kernel of 31 taps and more (torch runs
     ATen's slow generic depthwise kernels there) and, in fp16/bf16 (input dtype, or the autocast
-    dtype), from 3x3 up (RepLKNet's 5x5 branches 2-3.9x, UniRepLKNet's 3x3 blocks 1.4-2.8x); kernels
-    of up to 7x7 on channels_last input stay on cuDNN, which wins there. Inference (forward only):
-    in fp16/bf16 the same kernels; in fp32 torch's forward wins where the map is much smaller than
-    the kernel (RepLKNet stages 3-4: most taps fall in the padding).
+    dtype), from 3x3 up (bf16: RepLKNet's 5x5 branches 2-3.9x, UniRepLKNet's 3x3 blocks 1.4-2.8x),
+    except square 3x3 and 5x5 in fp16, where torch takes cuDNN's depthwise kernels and wins on some
+    maps; kernels of up to 7x7 on channels_last input stay on cuDNN, which wins there. Inference
+    (forward only): in fp16/bf16 the same kernels; in fp32 torch's forward wins where the map is
+    much smaller than the kernel (RepLKNet stages 3-4: most taps fall in the padding).
     """
     autocast = torch.is_autocast_enabled("cuda")
     dtype = torch.get_autocast_dtype("cuda") if autocast else x.dtype
     sixteen_bit = dtype in (torch.float16, torch.bfloat16)
     if kh * kw < (9 if sixteen_bit else 31):
+        return False
+    if dtype == torch.float16 and kh == kw and kh <= 5:
         return False
     if kh * kw <= 49 and x.is_contiguous(memory_format=torch.channels_last):
         return False

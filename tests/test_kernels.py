@@ -91,11 +91,13 @@ def test_dispatch_uses_torch_on_cpu_and_honours_legacy_env(monkeypatch):
 
 @pytest.mark.parametrize("dtype,k,layout,training,expected", [
     (torch.bfloat16, 5, "nchw", True, True),       # RepLKNet's 5x5 branch: ours from 3x3 in 16-bit
-    (torch.float16, 5, "nchw", False, True),
+    (torch.float16, 5, "nchw", False, False),      # fp16 square 3x3/5x5: cuDNN's kernels
+    (torch.float16, 3, "nchw", True, False),
+    (torch.float16, 7, "nchw", True, True),
     (torch.float32, 5, "nchw", True, False),       # fp32 direct kernel: only from 31 taps
     (torch.bfloat16, 3, "nchw", True, True),       # UniRepLKNet's 3x3 blocks too
     (torch.bfloat16, 2, "nchw", True, False),
-    (torch.float16, 3, "channels_last", True, False),
+    (torch.bfloat16, 3, "channels_last", True, False),
     (torch.bfloat16, 7, "channels_last", True, False),  # cuDNN's channels_last kernels win
     (torch.bfloat16, 13, "channels_last", True, True),
     (torch.float32, 27, "nchw", True, True),
