@@ -10,6 +10,7 @@
 // in-image diagonals (deterministic, no atomics). Inputs are 16-bit (exact products), accumulation
 // fp32, so the precision is that of the direct kernels.
 #include "dwconv.h"
+#include "common.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -32,17 +33,7 @@ constexpr int kMaxBinsPerThread = 16;  // weight grad: 63 x 63 taps over 256 thr
 constexpr int kGradRows = 64;       // weight grad: rows of G (outputs p) per reduction step
 constexpr int kMaxGradPlane = 256;  // weight grad: H * W and Ho * Wo padded to 16, at most
 
-__host__ __device__ inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
-__host__ __device__ inline int round_up(int a, int b) { return ceil_div(a, b) * b; }
 
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 // Element q of plane (n, c): q = qy * w + qx, read through the strides (any layout).
 template <typename T>
@@ -271,13 +262,6 @@ __global__ void __launch_bounds__(kThreads) gemm_weight_grad_kernel(const T* __r
 }
 
 bool dense_plane(const int64_t* stride, int w) { return stride[3] == 1 && stride[2] == w; }
-
-template <typename Kernel>
-cudaError_t allow_smem(Kernel kernel, int64_t bytes) {
-  if (bytes <= 48 * 1024) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              static_cast<int>(bytes));
-}
 
 GemmForwardParams plan_gemm_forward(const ConvShape& s) {
   GemmForwardParams p{};

@@ -11,6 +11,7 @@
 // Tiles are stored in shared memory as fp32, so fp16/bf16 only change the global loads and stores;
 // accumulation is always fp32.
 #include "dwconv.h"
+#include "common.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -30,23 +31,8 @@ constexpr int kWindow = 12;  // kS + kJ - 1 = 11 X values, read as three float4
 constexpr int kMaxThreads = 256;
 constexpr int kSmemLimit = 160 * 1024;
 
-__host__ __device__ inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
-__host__ __device__ inline int round_up(int a, int b) { return ceil_div(a, b) * b; }
 
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
 
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
 
 // acc[r][s] += sum_{br < b_rows, bc < b_cols} B[br][bc] * X[a_r0 + r + br][a_c0 + s + bc].
 // X row t holds image row x_row0 + t and X column v image column x_col0 + v; rows and window
@@ -354,13 +340,6 @@ int device_sms() {
   cudaGetDevice(&device);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   return sms > 0 ? sms : 80;
-}
-
-template <typename Kernel>
-cudaError_t allow_smem(Kernel kernel, int64_t bytes) {
-  if (bytes <= 48 * 1024) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              static_cast<int>(bytes));
 }
 
 template <typename T>

@@ -14,7 +14,7 @@
 // in a fixed order afterwards, so the result is deterministic.
 // The MMAs are mma.sync m16n8k16 with fp32 accumulation fed by ldmatrix (sm_80 and later).
 #include "dwconv.h"
-#include "tensor_core.cuh"
+#include "common.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -116,71 +116,44 @@ __device__ __forceinline__ void stage_tile(T* dst, int ld, int rows, int cols, c
     }
     return;
   }
+  // Scalar: lanes walk the columns unless only the rows are contiguous in memory.
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const T zero = from_float<T>(0.f);
-  if (cs == 1 || rs != 1) {
-    for (int r = warp; r < rows; r += kWarps) {
-      const int y = row0 + r;
-      const bool row_ok = valid && y >= 0 && y < h;
-      for (int k = lane; k < cols; k += 32) {
-        const int xq = col0 + k;
-        dst[r * ld + k] = (row_ok && xq >= 0 && xq < w) ? plane[y * rs + xq * cs] : zero;
-      }
-    }
-  } else {
-    for (int k = warp; k < cols; k += kWarps) {
-      const int xq = col0 + k;
-      const bool col_ok = valid && xq >= 0 && xq < w;
-      for (int r = lane; r < rows; r += 32) {
-        const int y = row0 + r;
-        dst[r * ld + k] = (col_ok && y >= 0 && y < h) ? plane[y * rs + xq * cs] : zero;
-      }
+  const bool lanes_on_cols = cs == 1 || rs != 1;
+  const int outer = lanes_on_cols ? rows : cols, inner = lanes_on_cols ? cols : rows;
+  for (int o = warp; o < outer; o += kWarps) {
+    for (int i = lane; i < inner; i += 32) {
+      const int r = lanes_on_cols ? o : i, k = lanes_on_cols ? i : o;
+      const int y = row0 + r, xq = col0 + k;
+      dst[r * ld + k] = (valid && y >= 0 && y < h && xq >= 0 && xq < w) ? plane[y * rs + xq * cs]
+                                                                         : zero;
     }
   }
 }
 
-// dst[r * ld + k] = src[r * lds + k] + bias for r < rows, k < cols, V elements per store (dst rows
-// aligned to V elements, cols a multiple of V, src rows 16-byte aligned).
+// V-element vector stores of src + bias (fp32, row pitch lds) into dst: along dst's rows,
+// dst[r * ld + k] (cols a multiple of V), or when `down` down its columns, dst[k * ld + r] (rows a
+// multiple of V); dst vectors aligned to V elements.
 template <int V, typename T>
-__device__ __forceinline__ void store_rows(T* dst, int64_t ld, const float* src, int lds, int rows,
-                                          int cols, float bias) {
-  const int per_row = cols / V;
-  for (int e = threadIdx.x; e < rows * per_row; e += kThreads) {
-    const int r = e / per_row, k = (e - r * per_row) * V;
+__device__ __forceinline__ void store_vectors(T* dst, int64_t ld, const float* src, int lds,
+                                             int rows, int cols, float bias, bool down) {
+  const int per_line = (down ? rows : cols) / V;
+  const int step = down ? lds : 1;
+  for (int e = threadIdx.x; e < (down ? cols : rows) * per_line; e += kThreads) {
+    const int line = e / per_line, at = (e - line * per_line) * V;
+    const int r = down ? at : line, k = down ? line : at;
     union {
       T v[V];
       uint4 u4;
       unsigned u1;
     } pack;
 #pragma unroll
-    for (int q = 0; q < V; ++q) pack.v[q] = from_float<T>(src[r * lds + k + q] + bias);
+    for (int q = 0; q < V; ++q) pack.v[q] = from_float<T>(src[r * lds + k + q * step] + bias);
+    T* d = dst + (down ? k * ld + r : r * ld + k);
     if constexpr (V == 8) {
-      *reinterpret_cast<uint4*>(dst + r * ld + k) = pack.u4;
+      *reinterpret_cast<uint4*>(d) = pack.u4;
     } else {
-      *reinterpret_cast<unsigned*>(dst + r * ld + k) = pack.u1;
-    }
-  }
-}
-
-// dst[k * ld + r] = src[r * lds + k] + bias for r < rows (a multiple of V), k < cols: V outputs
-// down a column per store (dst columns contiguous and aligned to V elements).
-template <int V, typename T>
-__device__ __forceinline__ void store_down_columns(T* dst, int64_t ld, const float* src, int lds,
-                                                  int rows, int cols, float bias) {
-  const int total = cols * (rows / V);
-  for (int e = threadIdx.x; e < total; e += kThreads) {
-    const int k = e % cols, r = (e / cols) * V;
-    union {
-      T v[V];
-      uint4 u4;
-      unsigned u1;
-    } pack;
-#pragma unroll
-    for (int q = 0; q < V; ++q) pack.v[q] = from_float<T>(src[(r + q) * lds + k] + bias);
-    if constexpr (V == 8) {
-      *reinterpret_cast<uint4*>(dst + k * ld + r) = pack.u4;
-    } else {
-      *reinterpret_cast<unsigned*>(dst + k * ld + r) = pack.u1;
+      *reinterpret_cast<unsigned*>(d) = pack.u1;
     }
   }
 }
@@ -370,14 +343,11 @@ __global__ void __launch_bounds__(kThreads) rows_forward_kernel(const T* __restr
     const float* src = os + g * p.rows * ldo;
     T* corner = out + oy0 * s.out_stride[2] + win.ox0 * s.out_stride[3];
     if (p.out.vec > 1) {
-      if (p.out.down && p.out.vec == 8) {
-        store_down_columns<8>(corner, s.out_stride[3], src, ldo, out_rows, out_cols, b);
-      } else if (p.out.down) {
-        store_down_columns<2>(corner, s.out_stride[3], src, ldo, out_rows, out_cols, b);
-      } else if (p.out.vec == 8) {
-        store_rows<8>(corner, s.out_stride[2], src, ldo, out_rows, out_cols, b);
+      const int64_t ld = p.out.down ? s.out_stride[3] : s.out_stride[2];
+      if (p.out.vec == 8) {
+        store_vectors<8>(corner, ld, src, ldo, out_rows, out_cols, b, p.out.down);
       } else {
-        store_rows<2>(corner, s.out_stride[2], src, ldo, out_rows, out_cols, b);
+        store_vectors<2>(corner, ld, src, ldo, out_rows, out_cols, b, p.out.down);
       }
       continue;
     }
@@ -602,13 +572,6 @@ Access plane_access(const void* data, const int64_t* stride, int h, int w) {
     }
   }
   return Access{1, false};
-}
-
-template <typename Kernel>
-cudaError_t allow_smem(Kernel kernel, int64_t bytes) {
-  if (bytes <= 48 * 1024) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              static_cast<int>(bytes));
 }
 
 template <typename T>

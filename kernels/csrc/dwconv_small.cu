@@ -11,7 +11,7 @@
 // of G_i's diagonal j. One block per channel goes through all images in a fixed order, so the
 // result is deterministic and needs no workspace.
 #include "dwconv.h"
-#include "tensor_core.cuh"
+#include "common.cuh"
 
 namespace lknets {
 namespace {
@@ -215,13 +215,6 @@ int64_t forward_smem(const ConvShape& s) {
 
 int64_t weight_grad_smem(const ConvShape& s) {
   return 2LL * (s.H + s.Ho) * kImages * kPitch + 4LL * kWarps * 16 * kScratchPitch;
-}
-
-template <typename Kernel>
-cudaError_t allow_smem(Kernel kernel, int64_t bytes) {
-  if (bytes <= 48 * 1024) return cudaSuccess;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                              static_cast<int>(bytes));
 }
 
 template <typename T, int P>

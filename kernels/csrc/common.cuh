@@ -1,10 +1,13 @@
-// Device helpers shared by the tensor-core kernels (dwconv_rows.cu, dwconv_small.cu): 16-bit
-// conversions, ldmatrix / mma.sync m16n8k16 wrappers and cp.async copies (sm_80 and later).
+// Helpers shared by the kernel files: index arithmetic, conversions, the dynamic shared-memory
+// opt-in, and for the tensor-core kernels ldmatrix / mma.sync m16n8k16 wrappers and cp.async
+// copies (sm_80 and later).
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
 
+#include <cstdint>
 #include <type_traits>
 
 namespace lknets {
@@ -12,8 +15,14 @@ namespace lknets {
 __host__ __device__ inline int ceil_div(int a, int b) { return (a + b - 1) / b; }
 __host__ __device__ inline int round_up(int a, int b) { return ceil_div(a, b) * b; }
 
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
 template <typename T>
 __device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
 template <>
 __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
 template <>
@@ -24,6 +33,14 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
 template <typename T>
 __device__ __forceinline__ unsigned short bits_of(T v) {
   return *reinterpret_cast<const unsigned short*>(&v);
+}
+
+// Kernels asking for more than 48 KiB of dynamic shared memory must opt in first.
+template <typename Kernel>
+cudaError_t allow_smem(Kernel kernel, int64_t bytes) {
+  if (bytes <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              static_cast<int>(bytes));
 }
 
 __device__ __forceinline__ unsigned smem_addr(const void* p) {
