@@ -298,14 +298,15 @@ def test_autocast_casts_to_the_autocast_dtype():
 
 
 @gpu
-def test_torch_compile_has_no_graph_break():
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_has_no_graph_break(backend):
     conv = layers.DepthwiseConv2d(8, 31, bias=True).cuda()
     layers.set_lk_impl("cuda")
     try:
         def step(x):
             return (conv(x) * 2).sum()
 
-        compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+        compiled = torch.compile(step, fullgraph=True, backend=backend)
         x = torch.randn(2, 8, 24, 24, device="cuda", requires_grad=True)
         loss = compiled(x)
         loss.backward()
