@@ -26,15 +26,27 @@ constexpr int kMaxRowsPerWarp = 8;   // weight grad: kernel rows per warp (63 ov
 constexpr int kScratchPitch = 20;    // weight grad: a warp's 16x16 fp32 scratch tile
 
 // Rows (y, g) of dst, y < h, g < kImages, hold row y of image n0 + g, columns 0..15 (zero at
-// columns >= w and images >= N); loads are batched so that several are in flight per thread.
+// columns >= w and images >= N). With `pairs` (rows contiguous, every row starting on an even
+// element, w even) they are copied two elements at a time with cp.async (complete after
+// cp_async_wait_all); otherwise element by element, loads batched so that several are in flight.
 template <typename T>
 __device__ __forceinline__ void stage_planes(T* dst, const T* __restrict__ src,
                                             const int64_t* stride, int c, int n0, int N, int h,
-                                            int w) {
+                                            int w, bool pairs) {
+  const T* channel = src + c * stride[1];
+  if (pairs) {
+    constexpr int kChunks = kPlane / 2;
+    for (int e = threadIdx.x; e < h * kImages * kChunks; e += kThreads) {
+      const int col = 2 * (e % kChunks), g = (e / kChunks) % kImages, y = e / (kChunks * kImages);
+      const bool ok = col < w && n0 + g < N;
+      const T* from = ok ? channel + (n0 + g) * stride[0] + y * stride[2] + col : channel;
+      cp_async_4(dst + (y * kImages + g) * kPitch + col, from, ok);
+    }
+    return;
+  }
   constexpr int kBatch = 8;
   const int total = h * kImages * kPlane;
   unsigned short* out = reinterpret_cast<unsigned short*>(dst);
-  const T* channel = src + c * stride[1];
   for (int e0 = threadIdx.x; e0 < total; e0 += kBatch * kThreads) {
     unsigned short v[kBatch];
 #pragma unroll
@@ -61,6 +73,7 @@ __global__ void __launch_bounds__(kThreads) small_forward_kernel(const T* __rest
                                                                  const float* __restrict__ weight,
                                                                  const float* __restrict__ bias,
                                                                  T* __restrict__ y, ConvShape s,
+                                                                 bool pair_loads,
                                                                  bool pair_stores) {
   extern __shared__ float4 smem4[];
   const int c = blockIdx.x, n0 = blockIdx.y * kImages;
@@ -70,7 +83,8 @@ __global__ void __launch_bounds__(kThreads) small_forward_kernel(const T* __rest
 
   const float* wc = weight + static_cast<int64_t>(c) * s.kh * s.kw;
   for (int e = threadIdx.x; e < s.kh * s.kw; e += kThreads) ks[e] = wc[e];
-  stage_planes(xs, x, s.in_stride, c, n0, s.N, s.H, s.W);
+  stage_planes(xs, x, s.in_stride, c, n0, s.N, s.H, s.W, pair_loads);
+  cp_async_wait_all();
   __syncthreads();
   for (int e = threadIdx.x; e < s.kh * 256; e += kThreads) {
     const int i = e / 256, r = (e / 16) % 16, col = e % 16;
@@ -150,7 +164,8 @@ template <typename T, int R>
 __global__ void __launch_bounds__(kThreads) small_weight_grad_kernel(const T* __restrict__ x,
                                                                      const T* __restrict__ dy,
                                                                      T* __restrict__ dw,
-                                                                     ConvShape s) {
+                                                                     ConvShape s, bool x_pairs,
+                                                                     bool dy_pairs) {
   extern __shared__ float4 smem4[];
   const int c = blockIdx.x;
   T* xs = reinterpret_cast<T*>(smem4);   // H * kImages staged input rows
@@ -161,8 +176,9 @@ __global__ void __launch_bounds__(kThreads) small_weight_grad_kernel(const T* __
   float acc[R][2][4] = {};
   for (int n0 = 0; n0 < s.N; n0 += kImages) {
     __syncthreads();  // the previous images' products are done with xs and ds
-    stage_planes(xs, x, s.in_stride, c, n0, s.N, s.H, s.W);
-    stage_planes(ds, dy, s.out_stride, c, n0, s.N, s.Ho, s.Wo);
+    stage_planes(xs, x, s.in_stride, c, n0, s.N, s.H, s.W, x_pairs);
+    stage_planes(ds, dy, s.out_stride, c, n0, s.N, s.Ho, s.Wo, dy_pairs);
+    cp_async_wait_all();
     __syncthreads();
     const int m_tiles = min(kImages, s.N - n0 + 15) / 16;
     for (int oy = 0; oy < s.Ho; ++oy) {
@@ -209,6 +225,13 @@ __global__ void __launch_bounds__(kThreads) small_weight_grad_kernel(const T* __
   }
 }
 
+// Whether a plane of width w is read or written two elements at a time: rows contiguous, every
+// (row, even column) pair 4-byte aligned, w even.
+bool pairwise(const void* data, const int64_t* stride, int w) {
+  return stride[3] == 1 && stride[2] % 2 == 0 && stride[1] % 2 == 0 && stride[0] % 2 == 0 &&
+         w % 2 == 0 && reinterpret_cast<uintptr_t>(data) % 4 == 0;
+}
+
 int64_t forward_smem(const ConvShape& s) {
   return 2LL * (s.kh * kTileElems + s.H * kImages * kPitch) + 4LL * s.kh * s.kw;
 }
@@ -224,12 +247,10 @@ cudaError_t small_forward_typed(const void* x, const float* weight, const float*
   cudaError_t err = allow_smem(small_forward_kernel<T, P>, smem);
   if (err != cudaSuccess) return err;
   // Two outputs per 4-byte store when every (row, even column) pair is 4-byte aligned.
-  const bool pair_stores = s.out_stride[3] == 1 && s.out_stride[2] % 2 == 0 &&
-                           s.out_stride[1] % 2 == 0 && s.out_stride[0] % 2 == 0 && s.Wo % 2 == 0 &&
-                           reinterpret_cast<uintptr_t>(y) % 4 == 0;
   const dim3 grid(s.C, ceil_div(s.N, kImages));
   small_forward_kernel<T, P><<<grid, kThreads, smem, stream>>>(
-      static_cast<const T*>(x), weight, bias, static_cast<T*>(y), s, pair_stores);
+      static_cast<const T*>(x), weight, bias, static_cast<T*>(y), s,
+      pairwise(x, s.in_stride, s.W), pairwise(y, s.out_stride, s.Wo));
   return cudaGetLastError();
 }
 
@@ -240,7 +261,8 @@ cudaError_t small_weight_grad_typed(const void* x, const void* dy, void* dw, con
   cudaError_t err = allow_smem(small_weight_grad_kernel<T, R>, smem);
   if (err != cudaSuccess) return err;
   small_weight_grad_kernel<T, R><<<s.C, kThreads, smem, stream>>>(
-      static_cast<const T*>(x), static_cast<const T*>(dy), static_cast<T*>(dw), s);
+      static_cast<const T*>(x), static_cast<const T*>(dy), static_cast<T*>(dw), s,
+      pairwise(x, s.in_stride, s.W), pairwise(dy, s.out_stride, s.Wo));
   return cudaGetLastError();
 }
 
