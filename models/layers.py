@@ -81,7 +81,7 @@ def _kernel_wins(x: torch.Tensor, kh: int, kw: int, training: bool) -> bool:
 
     Training (forward + both gradients): on NCHW input every kernel of 31 taps and more (torch runs
     ATen's slow generic depthwise kernels there) and, in fp16/bf16 (input dtype, or the autocast
-    dtype), from 3x3 up (bf16: RepLKNet's 5x5 branches 2-3.9x, UniRepLKNet's 3x3 blocks 1.4-2.8x),
+    dtype), from 3x3 up (bf16: RepLKNet's 5x5 branches 2.2-4.8x, UniRepLKNet's 3x3 blocks 2.1-2.8x),
     except square 3x3 and 5x5 in fp16, where torch takes cuDNN's depthwise kernels and wins on some
     maps; kernels of up to 7x7 on channels_last input stay on cuDNN, which wins there. Inference
     (forward only): in fp16/bf16 the same kernels; in fp32 torch's forward wins where the map is
