@@ -183,3 +183,18 @@ def assert_param_counts(name: str, upstream: dict, params_m: dict) -> None:
     n_deploy = sum(p.numel() for p in deploy.parameters())
     assert [n_train, n_deploy] == upstream[name]["params"]
     assert (round(n_train / 1e6, 2), round(n_deploy / 1e6, 2)) == params_m[name]
+
+
+def assert_keys_equal_upstream(name: str, upstream: dict, deploy_builds=({"deploy": True},)) -> None:
+    """The training build and each deploy build of ``name`` have upstream's state_dict keys and
+    shapes; the training build, re-parameterized, has the deploy keys and loads strictly (keys and
+    shapes) into the last deploy build. (Shared with the family tests.)"""
+    with torch.device("meta"):
+        train = models.create_model(name)
+        assert key_shapes(train) == upstream[name]["train"]
+        deploys = [models.create_model(name, **kwargs) for kwargs in deploy_builds]
+        for deploy in deploys:
+            assert key_shapes(deploy) == upstream[name]["deploy"]
+        reparameterize_model(train)
+        assert key_shapes(train) == upstream[name]["deploy"]
+        deploys[-1].load_state_dict(train.state_dict(), strict=True, assign=True)

@@ -11,8 +11,8 @@ from models import create_model, get_family, list_models, reparameterize_model
 from models.layers import DepthwiseConv2d
 from models.replknet import ReparamLargeKernelConv, RepLKBlock, RepLKNet, replknet_layer_id
 from optim_factory import get_parameter_groups, layer_scales
-from test_reparam import (assert_param_counts, key_shapes, perturb_, reparam_equivalence,
-                          rel_err)
+from test_reparam import (assert_keys_equal_upstream, assert_param_counts, key_shapes, perturb_,
+                          reparam_equivalence, rel_err)
 from tools.count import count
 
 SNAPSHOT = os.path.join(os.path.dirname(__file__), "snapshots", "replknet.json")
@@ -40,17 +40,7 @@ def test_registry_names_and_family():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_state_dict_keys_and_shapes_equal_upstream(name):
-    with torch.device("meta"):
-        train = create_model(name)
-        merged = create_model(name, small_kernel_merged=True)
-        deploy = create_model(name, deploy=True)
-        assert key_shapes(train) == UPSTREAM[name]["train"]
-        assert key_shapes(merged) == UPSTREAM[name]["deploy"]
-        assert key_shapes(deploy) == UPSTREAM[name]["deploy"]
-        reparameterize_model(train)
-        assert key_shapes(train) == UPSTREAM[name]["deploy"]
-        # Strict load (keys and shapes) of the re-parameterized weights into the deploy build.
-        deploy.load_state_dict(train.state_dict(), strict=True, assign=True)
+    assert_keys_equal_upstream(name, UPSTREAM, ({"small_kernel_merged": True}, {"deploy": True}))
 
 
 @pytest.mark.parametrize("name", NAMES)

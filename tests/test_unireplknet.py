@@ -8,14 +8,14 @@ import timm
 import torch
 import torch.nn as nn
 
-from models import create_model, get_family, list_models, reparameterize_model
+from models import create_model, get_family, list_models
 from models.convnext import convnext_layer_id
 from models.layers import DepthwiseConv2d
 from models.unireplknet import (DILATED_BRANCHES, GRN, DilatedReparamBlock, UniRepLKNet,
                                 UniRepLKNetBlock)
 from optim_factory import get_parameter_groups, layer_scales
-from test_reparam import (assert_param_counts, key_shapes, perturb_, reparam_equivalence,
-                          rel_err)
+from test_reparam import (assert_keys_equal_upstream, assert_param_counts, perturb_,
+                          reparam_equivalence, rel_err)
 from tools.count import count
 from tools.reparameterize import main as reparameterize_main
 
@@ -48,14 +48,7 @@ def test_registry_names_and_family():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_state_dict_keys_and_shapes_equal_upstream(name):
-    with torch.device("meta"):
-        train = create_model(name)
-        deploy = create_model(name, deploy=True)
-        assert key_shapes(train) == UPSTREAM[name]["train"]
-        assert key_shapes(deploy) == UPSTREAM[name]["deploy"]
-        reparameterize_model(train)
-        assert key_shapes(train) == UPSTREAM[name]["deploy"]
-        deploy.load_state_dict(train.state_dict(), strict=True, assign=True)
+    assert_keys_equal_upstream(name, UPSTREAM)
 
 
 @pytest.mark.parametrize("name", NAMES)
