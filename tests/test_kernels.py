@@ -280,9 +280,9 @@ def test_extension_rejects_unsupported_dtypes():
     # machine's build, TORCH_CHECK messages that format integers crashed the process instead of
     # raising (see kernels/csrc/ops.cpp); the dtype check's message has none and raises.
     with pytest.raises(RuntimeError, match="dtype Double is not supported"):
-        kernels.load_extension().forward(torch.randn(1, 2, 5, 5, device="cuda", dtype=torch.float64),
-                                         torch.randn(2, 1, 3, 3, device="cuda", dtype=torch.float64),
-                                         None, 1, 1)
+        double = dict(device="cuda", dtype=torch.float64)
+        kernels.load_extension().forward(torch.randn(1, 2, 5, 5, **double),
+                                         torch.randn(2, 1, 3, 3, **double), None, 1, 1)
 
 
 @gpu

@@ -185,7 +185,8 @@ def assert_param_counts(name: str, upstream: dict, params_m: dict) -> None:
     assert (round(n_train / 1e6, 2), round(n_deploy / 1e6, 2)) == params_m[name]
 
 
-def assert_keys_equal_upstream(name: str, upstream: dict, deploy_builds=({"deploy": True},)) -> None:
+def assert_keys_equal_upstream(name: str, upstream: dict,
+                               deploy_builds=({"deploy": True},)) -> None:
     """The training build and each deploy build of ``name`` have upstream's state_dict keys and
     shapes; the training build, re-parameterized, has the deploy keys and loads strictly (keys and
     shapes) into the last deploy build. (Shared with the family tests.)"""
@@ -198,3 +199,14 @@ def assert_keys_equal_upstream(name: str, upstream: dict, deploy_builds=({"deplo
         reparameterize_model(train)
         assert key_shapes(train) == upstream[name]["deploy"]
         deploys[-1].load_state_dict(train.state_dict(), strict=True, assign=True)
+
+
+def assert_checkpointing_keeps_gradients(plain: nn.Module, ckpt: nn.Module) -> None:
+    """``ckpt`` (activation checkpointing on), loaded with ``plain``'s weights, gives the same
+    float64 gradients for one random batch. (Shared with the family tests.)"""
+    ckpt.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    plain(x).square().sum().backward()
+    ckpt(x).square().sum().backward()
+    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-10, atol=1e-12), name

@@ -14,8 +14,8 @@ from models.layers import DepthwiseConv2d
 from models.unireplknet import (DILATED_BRANCHES, GRN, DilatedReparamBlock, UniRepLKNet,
                                 UniRepLKNetBlock)
 from optim_factory import get_parameter_groups, layer_scales
-from test_reparam import (assert_keys_equal_upstream, assert_param_counts, perturb_,
-                          reparam_equivalence, rel_err)
+from test_reparam import (assert_checkpointing_keeps_gradients, assert_keys_equal_upstream,
+                          assert_param_counts, perturb_, reparam_equivalence, rel_err)
 from tools.count import count
 from tools.reparameterize import main as reparameterize_main
 
@@ -160,15 +160,10 @@ def test_grn_matches_its_definition():
 
 def test_checkpointing_alias_and_gradients():
     torch.manual_seed(0)
-    plain = UniRepLKNet(**SMALL, num_classes=5).double()
     assert UniRepLKNet(**SMALL, use_checkpoint=True).with_cp
+    plain = UniRepLKNet(**SMALL, num_classes=5).double()
     ckpt = UniRepLKNet(**SMALL, num_classes=5, with_cp=True).double()
-    ckpt.load_state_dict(plain.state_dict())
-    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
-    plain(x).square().sum().backward()
-    ckpt(x).square().sum().backward()
-    for (name, p), q in zip(plain.named_parameters(), ckpt.parameters()):
-        assert torch.allclose(p.grad, q.grad, rtol=1e-10, atol=1e-12), name
+    assert_checkpointing_keeps_gradients(plain, ckpt)
 
 
 def test_backbone_mode_one_channel_input_and_head_init_scale():
