@@ -199,9 +199,10 @@ def test_all_directions_match_float64(shape, k, dtype):
 
 
 # Shapes around the formulation boundaries (LKNETS_DWCONV_ALGO forces one where it takes the shape,
-# else the row-Toeplitz GEMM runs). The plane GEMM (default up to 8x8) works on blocks of up to 128
-# output pixels and 64 batch entries, its weight gradient on planes of up to 256 pixels (16-padded);
-# the small-plane GEMM (default up to 16x16) on planes of up to 16x16 in blocks of 64 images; the
+# else the row-Toeplitz GEMM runs). The plane GEMM (default up to 8x8) takes planes of up to 64
+# pixels in blocks of 64 images; contiguous planes whose image stride is a multiple of 8 elements
+# are staged with 16-byte copies from the 16-byte boundary before each plane (the shift differs per
+# channel), others element by element; the small-plane GEMM (default up to 16x16) on planes of up to 16x16 in blocks of 64 images; the
 # row-Toeplitz GEMM (default beyond) tiles outputs in blocks of up to 64 x 64, skips band tiles and
 # padding rows, and reads H/W-transposed views with vectors down their columns.
 ALGO_SHAPES = [
@@ -217,6 +218,10 @@ ALGO_SHAPES = [
     ((2, 3, 26, 18), (9, 5)),        # the same with 2-element vectors
     ((4, 5, 14, 11), (13, 3)),       # small plane, H/W-transposed view
     ((66, 4, 9, 16), (27, 27)),      # small plane, kernel larger than the image, two image blocks
+    ((67, 8, 7, 7), (13, 13)),       # plane GEMM: 16-byte staging, all eight shifts, two image blocks
+    ((5, 3, 8, 8), (3, 3)),          # plane GEMM: 64-pixel planes
+    ((2, 16, 1, 50), (1, 31)),       # plane GEMM: one-row planes, shifts 0 / 2 / 4 / 6
+    ((4, 8, 6, 9), (5, 3)),          # plane GEMM: H/W-transposed view, staged element by element
 ]
 
 
@@ -231,11 +236,51 @@ def test_both_formulations_match_float64(shape, k, dtype, algo, monkeypatch):
 
 
 @gpu
+@pytest.mark.parametrize("shape", [(4, 6, 14, 13), (4, 8, 7, 7)])
 @pytest.mark.parametrize("layout", ["channels_last", "noncontig"])
 @pytest.mark.parametrize("algo", ["direct", "gemm", "rows", "small"])
-def test_both_formulations_read_any_layout(layout, algo, monkeypatch):
+def test_both_formulations_read_any_layout(shape, layout, algo, monkeypatch):
     monkeypatch.setenv("LKNETS_DWCONV_ALGO", algo)
-    _check_all_directions((4, 6, 14, 13), (13, 13), torch.bfloat16, layout)
+    _check_all_directions(shape, (13, 13), torch.bfloat16, layout)
+
+
+@gpu
+@pytest.mark.parametrize("algo", ["direct", "gemm", "rows", "small"])
+@pytest.mark.parametrize("k", [(13, 13), (13, 5)], ids=["13x13", "13x5"])
+def test_weight_is_read_through_its_strides(k, algo, monkeypatch):
+    # The kernels read the weight in place (the input gradient's rotation and the tall kernels'
+    # transposed view are strides), so a strided view of a larger tensor must work as given.
+    monkeypatch.setenv("LKNETS_DWCONV_ALGO", algo)
+    kh, kw = k
+    x = torch.randn(3, 8, 7, 7, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = (torch.randn(8, 1, kh + 2, kw + 4, device="cuda") / 13).to(torch.bfloat16)
+    w = w[:, :, 1:kh + 1, 3:kw + 3].requires_grad_()
+    assert not w.is_contiguous()
+    y = kernels.depthwise_conv2d(x, w)
+    dy = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, w], dy)
+    y_ref, g_ref = _reference(x, w, None, (kh // 2, kw // 2), dy)
+    errs = [_rel(y, y_ref)] + [_rel(g, r) for g, r in zip(grads, g_ref)]
+    assert max(errs) < TOL[torch.bfloat16], errs
+
+
+@gpu
+@pytest.mark.parametrize("algo", ["gemm", "small"])
+def test_neighbouring_planes_do_not_leak(algo, monkeypatch):
+    # The plane GEMM's 16-byte staging copies parts of the neighbouring channels' planes along;
+    # an inf there must not turn this channel's outputs or weight gradient into NaN.
+    monkeypatch.setenv("LKNETS_DWCONV_ALGO", algo)
+    x = torch.randn(3, 8, 7, 7, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(8, 1, 13, 13, device="cuda", dtype=torch.bfloat16) / 13
+    x[:, 3] = float("inf")
+    dy = torch.randn_like(x)
+    dy[:, 5] = float("inf")
+    y = kernels.depthwise_conv2d(x, w)
+    dw = torch.ops.lknets.dwconv2d_weight_grad(x, dy, 13, 13, 6, 6)
+    keep = [c for c in range(8) if c not in (3, 5)]
+    y_ref, (_, dw_ref) = _reference(x[:, keep], w[keep], None, (6, 6), dy[:, keep])
+    assert _rel(y[:, keep], y_ref) < TOL[torch.bfloat16]
+    assert _rel(dw[keep], dw_ref) < TOL[torch.bfloat16]
 
 
 @gpu
@@ -245,6 +290,14 @@ def test_tensor_core_explicit_padding(pad, algo, monkeypatch):
     monkeypatch.setenv("LKNETS_DWCONV_ALGO", algo)
     shape = (2, 5, 9, 8) if algo == "small" else (2, 5, 17, 15)  # small: planes of <= 16x16
     _check_all_directions(shape, (7, 7), torch.float16, "nchw", pad=pad, bias=False)
+
+
+@gpu
+@pytest.mark.parametrize("pad", [(0, 0), (1, 3), (4, 2)])
+def test_plane_gemm_explicit_padding(pad, monkeypatch):
+    # Output planes of 2, 24 and 54 pixels; the input gradient runs with padding 4 - pad.
+    monkeypatch.setenv("LKNETS_DWCONV_ALGO", "gemm")
+    _check_all_directions((3, 8, 5, 6), (5, 5), torch.bfloat16, "nchw", pad=pad, bias=False)
 
 
 @gpu

@@ -3,6 +3,8 @@
 // copies (sm_80 and later).
 #pragma once
 
+#include "dwconv.h"
+
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -33,6 +35,17 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
 template <typename T>
 __device__ __forceinline__ unsigned short bits_of(T v) {
   return *reinterpret_cast<const unsigned short*>(&v);
+}
+
+template <typename T>
+__device__ __forceinline__ float filter_tap(const Filter& f, int c, int i, int j) {
+  return to_float(static_cast<const T*>(f.weight)[f.offset + c * f.stride[0] + i * f.stride[1] +
+                                                  j * f.stride[2]]);
+}
+
+template <typename T>
+__device__ __forceinline__ float filter_bias(const Filter& f, int c) {
+  return f.bias ? to_float(static_cast<const T*>(f.bias)[c]) : 0.f;
 }
 
 // Kernels asking for more than 48 KiB of dynamic shared memory must opt in first.

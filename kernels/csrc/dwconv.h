@@ -21,9 +21,20 @@ struct ConvShape {
   int64_t out_stride[4];
 };
 
-// y = x (*) w + bias. `weight` is fp32, contiguous (C, kh, kw); `bias` fp32 (C) or null.
-cudaError_t launch_forward(DType dtype, const void* x, const float* weight, const float* bias,
-                           void* y, const ConvShape& shape, cudaStream_t stream);
+// The kernel and bias a forward launch applies, read in place in the input's dtype: tap (c, i, j)
+// is weight[offset + c * stride[0] + i * stride[1] + j * stride[2]] (strides may be negative), so
+// the input gradient's rotated kernel and the tall kernels' transposed view need no copy, nor a
+// cast to fp32 first. `bias` is (C) contiguous, or null.
+struct Filter {
+  const void* weight;
+  int64_t offset;
+  int64_t stride[3];
+  const void* bias;
+};
+
+// y = x (*) filter + bias.
+cudaError_t launch_forward(DType dtype, const void* x, const Filter& filter, void* y,
+                           const ConvShape& shape, cudaStream_t stream);
 
 // Weight gradient dw[c, i, j] = sum over n, oy, ox of dy[n, c, oy, ox] * x[n, c, oy + i - ph, ox + j - pw].
 // `in` of the shape is x, `out` is dy. It runs in two deterministic passes: per-block partial sums
@@ -37,8 +48,8 @@ cudaError_t launch_weight_grad(DType dtype, const void* x, const void* grad_out,
 // launch_weight_grad choose between it and the direct kernels by shape.
 bool gemm_forward_supported(DType dtype, const ConvShape& shape);
 bool gemm_weight_grad_supported(DType dtype, const ConvShape& shape);
-cudaError_t launch_forward_gemm(DType dtype, const void* x, const float* weight, const float* bias,
-                                void* y, const ConvShape& shape, cudaStream_t stream);
+cudaError_t launch_forward_gemm(DType dtype, const void* x, const Filter& filter, void* y,
+                                const ConvShape& shape, cudaStream_t stream);
 cudaError_t launch_weight_grad_gemm(DType dtype, const void* x, const void* grad_out,
                                     void* grad_weight, const ConvShape& shape, cudaStream_t stream);
 
@@ -47,8 +58,8 @@ cudaError_t launch_weight_grad_gemm(DType dtype, const void* x, const void* grad
 // `workspace` (rows_weight_grad_workspace_floats() floats) in a fixed order.
 bool rows_supported(DType dtype, const ConvShape& shape);
 int64_t rows_weight_grad_workspace_floats(const ConvShape& shape, int num_sms);
-cudaError_t launch_forward_rows(DType dtype, const void* x, const float* weight, const float* bias,
-                                void* y, const ConvShape& shape, cudaStream_t stream);
+cudaError_t launch_forward_rows(DType dtype, const void* x, const Filter& filter, void* y,
+                                const ConvShape& shape, cudaStream_t stream);
 cudaError_t launch_weight_grad_rows(DType dtype, const void* x, const void* grad_out,
                                     float* workspace, void* grad_weight, const ConvShape& shape,
                                     int num_sms, cudaStream_t stream);
@@ -56,9 +67,8 @@ cudaError_t launch_weight_grad_rows(DType dtype, const void* x, const void* grad
 // Small-plane tensor-core formulation for fp16 / bf16 (dwconv_small.cu): planes of at most 16x16,
 // the batch as the GEMM's M; its weight gradient needs no workspace.
 bool small_supported(DType dtype, const ConvShape& shape);
-cudaError_t launch_forward_small(DType dtype, const void* x, const float* weight,
-                                 const float* bias, void* y, const ConvShape& shape,
-                                 cudaStream_t stream);
+cudaError_t launch_forward_small(DType dtype, const void* x, const Filter& filter, void* y,
+                                 const ConvShape& shape, cudaStream_t stream);
 cudaError_t launch_weight_grad_small(DType dtype, const void* x, const void* grad_out,
                                      void* grad_weight, const ConvShape& shape,
                                      cudaStream_t stream);

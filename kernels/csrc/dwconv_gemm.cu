@@ -1,349 +1,346 @@
-// Tensor-core depthwise convolution for fp16 / bf16: each channel's convolution as a GEMM.
+// Tensor-core depthwise convolution for fp16 / bf16 on tiny planes (at most 64 pixels: 7x7, 8x8):
+// each channel's convolution as one GEMM, the batch as M.
 //
-// Per channel c, with the plane flattened (q = qy * W + qx over the input, p = py * Wo + px over
-// the output), out[n][p] = sum_q in[n][q] * T[q][p], where T[q][p] = K[qy - py + ph][qx - px + pw]
-// (zero outside the kernel) is the plane's Toeplitz-of-Toeplitz matrix. The batch is the GEMM's M
-// dimension, so each T element a block builds in shared memory serves 64 multiply-adds on the
-// tensor cores; only the q rows that a block's outputs can reach are built and multiplied.
-// The weight gradient is the same structure transposed: G[p][q] = sum_n dy[n][p] * x[n][q] on the
-// tensor cores, then dw[i][j] = sum over p of G[p][p + (i - ph, j - pw)], a fixed-order sum of the
-// in-image diagonals (deterministic, no atomics). Inputs are 16-bit (exact products), accumulation
-// fp32, so the precision is that of the direct kernels.
+// Per channel, with the planes flattened (q = qy * W + qx over the input, p = py * Wo + px over the
+// output), out[n][p] = sum_q x[n][q] T[q][p], where T[q][p] = K[qy - py + ph][qx - px + pw] (zero
+// outside the kernel) is the plane's Toeplitz-of-Toeplitz matrix, at most 64 x 64. A channel is so
+// little arithmetic (64 images: 4 x 4 x 8 MMAs) that fixed per-block costs decide the time, so:
+// - each lane builds its own B fragments of T in registers while the planes are still being copied
+//   in (no T in shared memory, no barrier for it), one shared-memory load per element: the kernel
+//   is staged zero-padded to every offset (qy - py, qx - px) the plane can have, so that tap's
+//   index is a difference of per-pixel codes, with no bounds checks;
+// - planes stored contiguously whose image stride is a multiple of 8 elements all start `shift`
+//   elements past a 16-byte boundary, the same for every image of a channel: they are staged with
+//   16-byte cp.async copies from that boundary and the GEMM's k index runs over q + shift (the B
+//   fragments absorb it). The copies bring neighbouring planes' elements along; the forward zeroes
+//   them (0 * inf would be NaN), the weight gradient never reads the products they feed. Outputs
+//   are written two at a time by the same trick on the GEMM's n index.
+// The weight gradient is the transposed product G[p][q] = sum_n dy[n][p] x[n][q] (images as K),
+// then dw[i][j] = the sum of G over p of G[p][q] with q - p the shift of tap (i, j), one tap per
+// thread in a fixed order: deterministic, no atomics, no workspace. Inputs are 16-bit (exact
+// products), accumulation fp32.
 #include "dwconv.h"
 #include "common.cuh"
-
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <mma.h>
 
 #include <algorithm>
 
 namespace lknets {
 namespace {
 
-namespace wmma = nvcuda::wmma;
-
-constexpr int kThreads = 256;  // 8 warps
+constexpr int kThreads = 128;          // 4 warps
 constexpr int kWarps = kThreads / 32;
-constexpr int kTile = 16;
-constexpr int kBatchRows = 64;      // GEMM rows (batch entries) per block: 4 row tiles
-constexpr int kMaxCols = 128;       // forward: outputs per block, at most 8 column tiles
-constexpr int kChunk = 128;         // forward: q rows of T built per step
-constexpr int kMaxBinsPerThread = 16;  // weight grad: 63 x 63 taps over 256 threads
-constexpr int kGradRows = 64;       // weight grad: rows of G (outputs p) per reduction step
-constexpr int kMaxGradPlane = 256;  // weight grad: H * W and Ho * Wo padded to 16, at most
+constexpr int kImages = 64;            // images per block (forward) or per step (weight grad)
+constexpr int kMaxCols = 64;           // staged columns: plane + shift, 4 k16 tiles
+constexpr int kPitch = kMaxCols + 8;   // staged row pitch (elements): ldmatrix without conflicts
+constexpr int kGPitch = kMaxCols + 4;  // weight grad: G in fp32
+constexpr int kMaxWindow = 1024;       // forward: offsets (qy - py, qx - px), fp32 taps
 
-
-
-// Element q of plane (n, c): q = qy * w + qx, read through the strides (any layout).
-template <typename T>
-__device__ __forceinline__ T load_plane(const T* __restrict__ src, const int64_t* stride, int n,
-                                        int c, int q, int w, bool contiguous_plane) {
-  const T* plane = src + n * stride[0] + c * stride[1];
-  if (contiguous_plane) return plane[q];
-  const int qy = q / w;
-  return plane[qy * stride[2] + (q - qy * w) * stride[3]];
-}
-
-// Copies rows [n0, n0 + rows) x columns [q0, q0 + cols) of channel c's (N x plane) matrix into
-// dst (row pitch ld), zero where n >= N or q >= plane.
-template <typename T>
-__device__ __forceinline__ void load_rows(T* dst, int ld, int rows, int cols, const T* __restrict__ src,
-                                          const int64_t* stride, int c, int n0, int N, int q0,
-                                          int plane, int w, bool contiguous_plane) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const T zero = from_float<T>(0.f);
-  for (int r = warp; r < rows; r += kWarps) {
-    const int n = n0 + r;
-#pragma unroll 4
-    for (int k = lane; k < cols; k += 32) {
-      const int q = q0 + k;
-      dst[r * ld + k] = (n < N && q < plane) ? load_plane(src, stride, n, c, q, w, contiguous_plane)
-                                             : zero;
-    }
-  }
-}
-
-struct GemmForwardParams {
+struct TinyParams {
   ConvShape s;
-  int P, Q;          // Ho * Wo, H * W
-  int cols;          // outputs per block (multiple of 16, <= kMaxCols)
-  int col_blocks;    // ceil(P / cols)
-  bool in_contiguous, out_contiguous;  // planes stored densely (q = offset)
+  int P, Q;              // output / input pixels per plane
+  int wrows, wcols;      // forward: offsets qy - py + Ho - 1 < wrows, qx - px + Wo - 1 < wcols
+  bool in_vec, out_vec;  // planes contiguous, image stride a multiple of 8 elements
 };
 
-// grid (col_blocks, C, ceil(N / 64)), 256 threads. Warp w owns row tile w % 4 and column tiles
-// w / 4 + 2t, t < 4.
+// Shift (0..7) of plane (0, c) past a 16-byte boundary, or -1 when the planes cannot be staged
+// with 16-byte copies (or the shifted plane would not fit the staged columns).
 template <typename T>
-__global__ void __launch_bounds__(kThreads) gemm_forward_kernel(const T* __restrict__ x,
-                                                                const float* __restrict__ weight,
-                                                                const float* __restrict__ bias,
-                                                                T* __restrict__ y,
-                                                                GemmForwardParams p) {
-  extern __shared__ float4 smem4[];
-  const ConvShape& s = p.s;
-  const int c = blockIdx.y;
-  const int p0 = blockIdx.x * p.cols;
-  const int n0 = blockIdx.z * kBatchRows;
-  const int taps = s.kh * s.kw;
-  const int ldt = p.cols + 8;    // T chunk: kChunk x cols, 16 bytes of padding per row (banks)
-  const int ldx = kChunk + 8;    // X chunk: 64 x kChunk
-  const int ldo = p.cols + 4;    // output staging: 64 x cols, fp32
+__device__ __forceinline__ int staging_shift(const T* data, int64_t channel_offset, bool vec,
+                                             int plane) {
+  if (!vec) return -1;
+  const int shift =
+      static_cast<int>((reinterpret_cast<uintptr_t>(data) / sizeof(T) + channel_offset) & 7);
+  return shift + plane <= kMaxCols ? shift : -1;
+}
 
-  float* ks = reinterpret_cast<float*>(smem4);
-  int2* pyx = reinterpret_cast<int2*>(ks + round_up(taps, 8));  // keeps ts 32-byte aligned
-  T* ts = reinterpret_cast<T*>(pyx + p.cols);
-  T* xs = ts + kChunk * ldt;
-  float* os = reinterpret_cast<float*>(ts);
-
-  const float* wc = weight + static_cast<int64_t>(c) * taps;
-  for (int i = threadIdx.x; i < taps; i += kThreads) ks[i] = wc[i];
-  for (int col = threadIdx.x; col < p.cols; col += kThreads) {
-    const int pp = p0 + col;
-    const int py = pp / s.Wo;
-    // Columns past the last output get a row no tap reaches, so their T column is zero.
-    pyx[col] = pp < p.P ? make_int2(py, pp - py * s.Wo) : make_int2(-(1 << 20), 0);
+// Rows g < 64 of dst hold image n0 + g of the channel's planes (zero for images >= N), columns
+// [0, cols). shift >= 0: 16-byte cp.async copies from the boundary before each plane, column k =
+// element k - shift, complete after cp_async_wait_all(); shift < 0: element by element through the
+// strides, column k = element k, zero past the plane.
+template <typename T>
+__device__ __forceinline__ void stage_planes(T* dst, const T* __restrict__ channel,
+                                            const int64_t* stride, int n0, int N, int plane,
+                                            int w, int shift, int cols) {
+  if (shift >= 0) {
+    const int chunks = cols / 8;
+    for (int e = threadIdx.x; e < kImages * chunks; e += kThreads) {
+      const int g = e / chunks, k = (e - g * chunks) * 8;
+      const bool ok = n0 + g < N && k < shift + plane;
+      const T* from = ok ? channel - shift + (n0 + g) * stride[0] + k : channel;
+      cp_async_16(dst + g * kPitch + k, from, ok);
+    }
+    return;
   }
-  // Input rows the block's outputs reach: qy in [py_first - ph, py_last - ph + kh).
-  const int p_last = min(p0 + p.cols, p.P) - 1;
-  const int qy_lo = max(0, p0 / s.Wo - s.pad_h);
-  const int qy_hi = min(s.H, p_last / s.Wo - s.pad_h + s.kh);
-  const int q_begin = (qy_lo * s.W) / kTile * kTile;
-  const int q_end = qy_hi > qy_lo ? qy_hi * s.W : q_begin;
+  unsigned short* out = reinterpret_cast<unsigned short*>(dst);
+  for (int e = threadIdx.x; e < kImages * cols; e += kThreads) {
+    const int g = e / cols, q = e - g * cols, n = n0 + g;
+    unsigned short v = 0;
+    if (n < N && q < plane) {
+      const int qy = q / w;
+      v = bits_of(channel[n * stride[0] + qy * stride[2] + (q - qy * w) * stride[3]]);
+    }
+    out[g * kPitch + q] = v;
+  }
+}
 
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int row_tile = warp % 4;
-  const int col_tile0 = warp / 4;
-  const int col_tiles = p.cols / kTile;
-  wmma::fragment<wmma::accumulator, kTile, kTile, kTile, float> acc[4];
+// After cp_async_wait_all(): zeroes what this thread's copies of stage_planes brought in from
+// outside the planes (same work split as there).
+template <typename T>
+__device__ __forceinline__ void clear_neighbours(T* dst, int n0, int N, int plane, int shift,
+                                                 int cols) {
+  const int chunks = cols / 8;
+  const T zero = from_float<T>(0.f);
+  for (int e = threadIdx.x; e < kImages * chunks; e += kThreads) {
+    const int g = e / chunks, k = (e - g * chunks) * 8;
+    if (n0 + g >= N || k >= shift + plane || (k >= shift && k + 8 <= shift + plane)) continue;
 #pragma unroll
-  for (int t = 0; t < 4; ++t) wmma::fill_fragment(acc[t], 0.f);
+    for (int u = 0; u < 8; ++u)
+      if (k + u < shift || k + u >= shift + plane) dst[g * kPitch + k + u] = zero;
+  }
+}
 
-  for (int q0 = q_begin; q0 < q_end; q0 += kChunk) {
-    const int chunk = min(kChunk, round_up(q_end - q0, kTile));
-    __syncthreads();
-    for (int k = warp; k < chunk; k += kWarps) {
-      const int q = q0 + k;
-      const int qy = q / s.W;
-      const int qx = q - qy * s.W;
-      const bool q_ok = q < q_end;
-      for (int col = lane; col < p.cols; col += 32) {
-        const int2 o = pyx[col];
-        const int i = qy - o.x + s.pad_h;
-        const int j = qx - o.y + s.pad_w;
-        float v = 0.f;
-        if (q_ok && static_cast<unsigned>(i) < static_cast<unsigned>(s.kh) &&
-            static_cast<unsigned>(j) < static_cast<unsigned>(s.kw))
-          v = ks[i * s.kw + j];
-        ts[k * ldt + col] = from_float<T>(v);
+template <typename T>
+__device__ __forceinline__ unsigned pack(T lo, T hi) {
+  return unsigned(bits_of(lo)) | (unsigned(bits_of(hi)) << 16);
+}
+
+// grid (C, ceil(N / 64)), 128 threads; dynamic shared memory: the padded kernel (fp32). Warp w
+// computes n tiles w and w + 4 (8 output columns each) for all 64 images.
+template <typename T>
+__global__ void __launch_bounds__(kThreads, 8) tiny_forward_kernel(const T* __restrict__ x,
+                                                                   const Filter filter,
+                                                                   T* __restrict__ y,
+                                                                   TinyParams p) {
+  __shared__ __align__(16) T xs[kImages * kPitch];
+  // Window index of tap (qy - py, qx - px) = in_code[q] - out_code[p]; out_yx: (py, px) of p.
+  __shared__ int in_code[kMaxCols], out_code[kMaxCols];
+  __shared__ int2 out_yx[kMaxCols];
+  extern __shared__ float window[];
+  const ConvShape& s = p.s;
+  const int c = blockIdx.x, n0 = blockIdx.y * kImages;
+  const int64_t in_offset = c * s.in_stride[1], out_offset = c * s.out_stride[1];
+  const int shift = staging_shift(x, in_offset, p.in_vec, p.Q);
+  const int kx = max(shift, 0);
+  const int cols = round_up(kx + p.Q, 16);
+  stage_planes(xs, x + in_offset, s.in_stride, n0, s.N, p.Q, s.W, shift, cols);
+
+  // Output column n of the GEMM is pixel n - ey; with ey = the plane's parity, even columns are
+  // 4-byte aligned and two outputs go out in one store.
+  const int out_shift = staging_shift(y, out_offset, p.out_vec, p.P);
+  const bool pairs = out_shift >= 0 && (out_shift & 1) + p.P <= kMaxCols;
+  const int ey = pairs ? out_shift & 1 : 0;
+
+  for (int e = threadIdx.x; e < p.wrows * p.wcols; e += kThreads) {
+    const int r = e / p.wcols;
+    const int i = r - (s.Ho - 1) + s.pad_h, j = e - r * p.wcols - (s.Wo - 1) + s.pad_w;
+    window[e] = i >= 0 && i < s.kh && j >= 0 && j < s.kw ? filter_tap<T>(filter, c, i, j) : 0.f;
+  }
+  for (int e = threadIdx.x; e < kMaxCols; e += kThreads) {
+    const int qy = e / s.W, py = e / s.Wo;
+    in_code[e] = qy * p.wcols + e - qy * s.W;
+    out_yx[e] = make_int2(py, e - py * s.Wo);
+    out_code[e] = (py - s.Ho + 1) * p.wcols + e - py * s.Wo - s.Wo + 1;
+  }
+  __syncthreads();
+
+  // B fragments: lane holds T rows k = 16 kt + 2 (lane % 4) + {0, 1} (+8 in the second register)
+  // of column n = 8 nt + lane / 4.
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int n_tiles = ceil_div(ey + p.P, 8), k_tiles = cols / 16;
+  unsigned b[2][4][2];
+#pragma unroll
+  for (int u = 0; u < 2; ++u) {
+    const int pp = (warp + kWarps * u) * 8 + lane / 4 - ey;
+    const bool p_ok = pp >= 0 && pp < p.P;
+    const int oc = out_code[p_ok ? pp : 0];
+#pragma unroll
+    for (int kt = 0; kt < 4; ++kt) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        T v[2];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int q = kt * 16 + r * 8 + 2 * (lane % 4) + e - kx;
+          const bool ok = p_ok && static_cast<unsigned>(q) < static_cast<unsigned>(p.Q);
+          v[e] = from_float<T>(ok ? window[in_code[q] - oc] : 0.f);
+        }
+        b[u][kt][r] = pack(v[0], v[1]);
       }
     }
-    load_rows(xs, ldx, kBatchRows, chunk, x, s.in_stride, c, n0, s.N, q0, p.Q, s.W,
-              p.in_contiguous);
-    __syncthreads();
-    for (int kk = 0; kk < chunk; kk += kTile) {
-      wmma::fragment<wmma::matrix_a, kTile, kTile, kTile, T, wmma::row_major> a;
-      wmma::load_matrix_sync(a, xs + row_tile * kTile * ldx + kk, ldx);
+  }
+
+  if (shift >= 0) {
+    cp_async_wait_all();
+    clear_neighbours(xs, n0, s.N, p.Q, shift, cols);
+  }
+  __syncthreads();
+
+  const float bias_c = filter_bias<T>(filter, c);
+  const int m_tiles = ceil_div(min(kImages, s.N - n0), 16);
+  for (int m = 0; m < m_tiles; ++m) {
+    unsigned a[4][4];
 #pragma unroll
-      for (int t = 0; t < 4; ++t) {
-        const int ct = col_tile0 + 2 * t;
-        if (ct < col_tiles) {
-          wmma::fragment<wmma::matrix_b, kTile, kTile, kTile, T, wmma::row_major> b;
-          wmma::load_matrix_sync(b, ts + kk * ldt + ct * kTile, ldt);
-          wmma::mma_sync(acc[t], a, b, acc[t]);
+    for (int kt = 0; kt < 4; ++kt)
+      if (kt < k_tiles) ldsm_x4(a[kt], xs + m * 16 * kPitch + kt * 16 + lane_offset(lane, kPitch));
+#pragma unroll
+    for (int u = 0; u < 2; ++u) {
+      const int nt = warp + kWarps * u;
+      if (nt >= n_tiles) continue;
+      float acc[4] = {};
+#pragma unroll
+      for (int kt = 0; kt < 4; ++kt)
+        if (kt < k_tiles) mma<T>(acc, a[kt], b[u][kt][0], b[u][kt][1]);
+      // Accumulator element e: image row lane / 4 + 8 (e / 2), column 2 (lane % 4) + e % 2.
+      const int pp = nt * 8 + 2 * (lane % 4) - ey;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int n = n0 + m * 16 + lane / 4 + 8 * h;
+        if (n >= s.N) continue;
+        const T v0 = from_float<T>(acc[2 * h] + bias_c);
+        const T v1 = from_float<T>(acc[2 * h + 1] + bias_c);
+        T* plane = y + n * s.out_stride[0] + out_offset;
+        if (pairs && pp >= 0 && pp + 1 < p.P) {
+          *reinterpret_cast<unsigned*>(plane + pp) = pack(v0, v1);
+          continue;
+        }
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const int q = pp + e;
+          if (q < 0 || q >= p.P) continue;
+          const int2 o = out_yx[q];
+          plane[o.x * s.out_stride[2] + o.y * s.out_stride[3]] = e ? v1 : v0;
         }
       }
     }
   }
-  __syncthreads();
-#pragma unroll
-  for (int t = 0; t < 4; ++t) {
-    const int ct = col_tile0 + 2 * t;
-    if (ct < col_tiles)
-      wmma::store_matrix_sync(os + row_tile * kTile * ldo + ct * kTile, acc[t], ldo,
-                              wmma::mem_row_major);
-  }
-  __syncthreads();
-  const float b = bias ? bias[c] : 0.f;
-  for (int r = warp; r < kBatchRows; r += kWarps) {
-    const int n = n0 + r;
-    if (n >= s.N) break;
-    T* out = y + n * s.out_stride[0] + c * s.out_stride[1];
-    for (int col = lane; col < p.cols; col += 32) {
-      const int pp = p0 + col;
-      if (pp >= p.P) break;
-      const T v = from_float<T>(os[r * ldo + col] + b);
-      if (p.out_contiguous) {
-        out[pp] = v;
-      } else {
-        const int2 o = pyx[col];
-        out[o.x * s.out_stride[2] + o.y * s.out_stride[3]] = v;
-      }
-    }
-  }
 }
 
-struct GemmWeightGradParams {
-  ConvShape s;
-  int P, Q, Pp, Qp;  // plane sizes and their 16-multiples
-  bool in_contiguous, out_contiguous;
-};
-
-// grid (C), 256 threads. Per batch chunk of 64: x and dy of the channel in shared memory; then,
-// kGradRows outputs p at a time, G = dy^T x on the tensor cores into shared memory and the
-// diagonal sums into per-thread tap accumulators (tap b = threadIdx.x + 256 r).
+// grid (C), 128 threads; dw is (C, kh, kw) contiguous. Warp w computes G rows 16 w .. 16 w + 15
+// (output pixels, shifted like the staged dy) against every staged x column.
 template <typename T>
-__global__ void __launch_bounds__(kThreads) gemm_weight_grad_kernel(const T* __restrict__ x,
+__global__ void __launch_bounds__(kThreads, 8) tiny_weight_grad_kernel(const T* __restrict__ x,
                                                                     const T* __restrict__ dy,
                                                                     T* __restrict__ dw,
-                                                                    GemmWeightGradParams p) {
-  extern __shared__ float4 smem4[];
+                                                                    TinyParams p) {
+  constexpr int kStagedBytes = 2 * kImages * kPitch * 2;
+  static_assert(kStagedBytes >= kMaxCols * kGPitch * 4, "G reuses the staging buffers");
+  __shared__ __align__(16) unsigned char raw[kStagedBytes];
+  T* xs = reinterpret_cast<T*>(raw);
+  T* ds = xs + kImages * kPitch;
+  float* gs = reinterpret_cast<float*>(raw);
   const ConvShape& s = p.s;
   const int c = blockIdx.x;
-  const int ldx = p.Qp + 8, ldd = p.Pp + 8, ldg = p.Qp + 4;
-  T* xs = reinterpret_cast<T*>(smem4);
-  T* ds = xs + kBatchRows * ldx;
-  float* gs = reinterpret_cast<float*>(ds + kBatchRows * ldd);
-  const int warp = threadIdx.x / 32;
-  const int taps = s.kh * s.kw;
-  const int col_tiles = p.Qp / kTile;
+  const int64_t in_offset = c * s.in_stride[1], out_offset = c * s.out_stride[1];
+  const int x_shift = staging_shift(x, in_offset, p.in_vec, p.Q);
+  const int d_shift = staging_shift(dy, out_offset, p.out_vec, p.P);
+  const int kx = max(x_shift, 0), kd = max(d_shift, 0);
+  const int x_cols = round_up(kx + p.Q, 16), d_cols = round_up(kd + p.P, 16);
 
-  float acc[kMaxBinsPerThread] = {};
-  for (int n0 = 0; n0 < s.N; n0 += kBatchRows) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const bool active = warp * 16 < d_cols;
+  float acc[8][4] = {};
+  for (int n0 = 0; n0 < s.N; n0 += kImages) {
+    __syncthreads();  // the previous images' products are done with xs and ds
+    stage_planes(xs, x + in_offset, s.in_stride, n0, s.N, p.Q, s.W, x_shift, x_cols);
+    stage_planes(ds, dy + out_offset, s.out_stride, n0, s.N, p.P, s.Wo, d_shift, d_cols);
+    cp_async_wait_all();
     __syncthreads();
-    load_rows(xs, ldx, kBatchRows, p.Qp, x, s.in_stride, c, n0, s.N, 0, p.Q, s.W, p.in_contiguous);
-    load_rows(ds, ldd, kBatchRows, p.Pp, dy, s.out_stride, c, n0, s.N, 0, p.P, s.Wo,
-              p.out_contiguous);
-    const int k_end = round_up(min(kBatchRows, s.N - n0), kTile);
-    for (int p0 = 0; p0 < p.Pp; p0 += kGradRows) {
-      __syncthreads();
-      const int row_tiles = min(kGradRows, p.Pp - p0) / kTile;
-      for (int t = warp; t < row_tiles * col_tiles; t += kWarps) {
-        const int rt = t % row_tiles, ct = t / row_tiles;
-        wmma::fragment<wmma::accumulator, kTile, kTile, kTile, float> g;
-        wmma::fill_fragment(g, 0.f);
-        for (int kk = 0; kk < k_end; kk += kTile) {
-          wmma::fragment<wmma::matrix_a, kTile, kTile, kTile, T, wmma::col_major> a;
-          wmma::fragment<wmma::matrix_b, kTile, kTile, kTile, T, wmma::row_major> b;
-          wmma::load_matrix_sync(a, ds + kk * ldd + p0 + rt * kTile, ldd);
-          wmma::load_matrix_sync(b, xs + kk * ldx + ct * kTile, ldx);
-          wmma::mma_sync(g, a, b, g);
-        }
-        wmma::store_matrix_sync(gs + rt * kTile * ldg + ct * kTile, g, ldg, wmma::mem_row_major);
-      }
-      __syncthreads();
-      const int p_end = min(p0 + kGradRows, p.P);
+    if (!active) continue;
+    const int k_tiles = ceil_div(min(kImages, s.N - n0), 16);
+    for (int kt = 0; kt < k_tiles; ++kt) {
+      unsigned a[4];
+      ldsm_x4_trans(a, ds + kt * 16 * kPitch + warp * 16 + lane_offset_transposed_a(lane, kPitch));
 #pragma unroll
-      for (int r = 0; r < kMaxBinsPerThread; ++r) {
-        const int tap = threadIdx.x + r * kThreads;
-        if (tap >= taps) break;
-        const int i = tap / s.kw;
-        const int di = i - s.pad_h, dj = tap - i * s.kw - s.pad_w;
-        const int py_lo = max(max(0, -di), p0 / s.Wo);
-        const int py_hi = min(min(s.Ho, s.H - di), ceil_div(p_end, s.Wo));
-        const int px_lo = max(0, -dj), px_hi = min(s.Wo, s.W - dj);
-        float sum = 0.f;
-        for (int py = py_lo; py < py_hi; ++py) {
-          const int row = py * s.Wo - p0;  // G row of (py, 0), may be negative
-          const int a = max(px_lo, -row), e = min(px_hi, p_end - p0 - row);
-          const float* g = gs + row * ldg + (py + di) * s.W + dj;
-          for (int px = a; px < e; ++px) sum += g[px * (ldg + 1)];
-        }
-        acc[r] += sum;
+      for (int nt = 0; nt < 4; ++nt) {
+        if (nt * 16 >= x_cols) continue;
+        unsigned b[4];
+        ldsm_x4_trans(b, xs + kt * 16 * kPitch + nt * 16 + lane_offset(lane, kPitch));
+        mma<T>(acc[2 * nt], a, b[0], b[1]);
+        mma<T>(acc[2 * nt + 1], a, b[2], b[3]);
       }
     }
   }
-  T* out = dw + static_cast<int64_t>(c) * taps;
+  __syncthreads();
+  if (active) {
 #pragma unroll
-  for (int r = 0; r < kMaxBinsPerThread; ++r) {
-    const int tap = threadIdx.x + r * kThreads;
-    if (tap < taps) out[tap] = from_float<T>(acc[r]);
+    for (int nt = 0; nt < 8; ++nt) {
+      float* g = gs + (warp * 16 + lane / 4) * kGPitch + nt * 8 + 2 * (lane % 4);
+      *reinterpret_cast<float2*>(g) = make_float2(acc[nt][0], acc[nt][1]);
+      *reinterpret_cast<float2*>(g + 8 * kGPitch) = make_float2(acc[nt][2], acc[nt][3]);
+    }
+  }
+  __syncthreads();
+  T* out = dw + static_cast<int64_t>(c) * s.kh * s.kw;
+  for (int tap = threadIdx.x; tap < s.kh * s.kw; tap += kThreads) {
+    const int i = tap / s.kw;
+    const int di = i - s.pad_h, dj = tap - i * s.kw - s.pad_w;
+    const int py_lo = max(0, -di), py_hi = min(s.Ho, s.H - di);
+    const int px_lo = max(0, -dj), px_hi = min(s.Wo, s.W - dj);
+    float sum = 0.f;
+    for (int py = py_lo; py < py_hi; ++py) {
+      const float* g = gs + (py * s.Wo + kd) * kGPitch + (py + di) * s.W + dj + kx;
+      for (int px = px_lo; px < px_hi; ++px) sum += g[px * (kGPitch + 1)];
+    }
+    out[tap] = from_float<T>(sum);
   }
 }
 
-bool dense_plane(const int64_t* stride, int w) { return stride[3] == 1 && stride[2] == w; }
+bool vector_planes(const int64_t* stride, int h, int w) {
+  return stride[3] == 1 && (h == 1 || stride[2] == w) && stride[0] % 8 == 0;
+}
 
-GemmForwardParams plan_gemm_forward(const ConvShape& s) {
-  GemmForwardParams p{};
+TinyParams plan_tiny(const ConvShape& s) {
+  TinyParams p{};
   p.s = s;
   p.P = s.Ho * s.Wo;
   p.Q = s.H * s.W;
-  const int blocks = ceil_div(p.P, kMaxCols);
-  p.cols = round_up(ceil_div(p.P, blocks), kTile);
-  p.col_blocks = ceil_div(p.P, p.cols);
-  p.in_contiguous = dense_plane(s.in_stride, s.W);
-  p.out_contiguous = dense_plane(s.out_stride, s.Wo);
+  p.wrows = s.H + s.Ho - 1;
+  p.wcols = s.W + s.Wo - 1;
+  p.in_vec = vector_planes(s.in_stride, s.H, s.W);
+  p.out_vec = vector_planes(s.out_stride, s.Ho, s.Wo);
   return p;
 }
 
-int64_t gemm_forward_smem(const GemmForwardParams& p, int elt) {
-  const int64_t head = 4LL * round_up(p.s.kh * p.s.kw, 8) + 8LL * p.cols;
-  const int64_t tiles = int64_t(elt) * (kChunk * (p.cols + 8) + kBatchRows * (kChunk + 8));
-  const int64_t staging = 4LL * kBatchRows * (p.cols + 4);
-  return head + std::max(tiles, staging);
-}
-
-GemmWeightGradParams plan_gemm_weight_grad(const ConvShape& s) {
-  GemmWeightGradParams p{};
-  p.s = s;
-  p.P = s.Ho * s.Wo;
-  p.Q = s.H * s.W;
-  p.Pp = round_up(p.P, kTile);
-  p.Qp = round_up(p.Q, kTile);
-  p.in_contiguous = dense_plane(s.in_stride, s.W);
-  p.out_contiguous = dense_plane(s.out_stride, s.Wo);
-  return p;
-}
-
-int64_t gemm_weight_grad_smem(const GemmWeightGradParams& p, int elt) {
-  return int64_t(elt) * kBatchRows * (p.Qp + 8 + p.Pp + 8) + 4LL * kGradRows * (p.Qp + 4);
+bool tiny_planes(const ConvShape& s) {
+  return s.H * s.W <= kMaxCols && s.Ho * s.Wo <= kMaxCols;
 }
 
 template <typename T>
-cudaError_t gemm_forward_typed(const void* x, const float* weight, const float* bias, void* y,
-                               const ConvShape& s, cudaStream_t stream) {
-  const GemmForwardParams p = plan_gemm_forward(s);
-  const int64_t smem = gemm_forward_smem(p, sizeof(T));
-  cudaError_t err = allow_smem(gemm_forward_kernel<T>, smem);
-  if (err != cudaSuccess) return err;
-  const dim3 grid(p.col_blocks, s.C, ceil_div(s.N, kBatchRows));
-  gemm_forward_kernel<T><<<grid, kThreads, smem, stream>>>(static_cast<const T*>(x), weight, bias,
-                                                           static_cast<T*>(y), p);
+cudaError_t gemm_forward_typed(const void* x, const Filter& filter, void* y, const ConvShape& s,
+                               cudaStream_t stream) {
+  const TinyParams p = plan_tiny(s);
+  const dim3 grid(s.C, ceil_div(s.N, kImages));
+  tiny_forward_kernel<T><<<grid, kThreads, 4 * p.wrows * p.wcols, stream>>>(
+      static_cast<const T*>(x), filter, static_cast<T*>(y), p);
   return cudaGetLastError();
 }
 
 template <typename T>
 cudaError_t gemm_weight_grad_typed(const void* x, const void* dy, void* dw, const ConvShape& s,
                                    cudaStream_t stream) {
-  const GemmWeightGradParams p = plan_gemm_weight_grad(s);
-  const int64_t smem = gemm_weight_grad_smem(p, sizeof(T));
-  cudaError_t err = allow_smem(gemm_weight_grad_kernel<T>, smem);
-  if (err != cudaSuccess) return err;
-  gemm_weight_grad_kernel<T><<<s.C, kThreads, smem, stream>>>(
-      static_cast<const T*>(x), static_cast<const T*>(dy), static_cast<T*>(dw), p);
+  tiny_weight_grad_kernel<T><<<s.C, kThreads, 0, stream>>>(
+      static_cast<const T*>(x), static_cast<const T*>(dy), static_cast<T*>(dw), plan_tiny(s));
   return cudaGetLastError();
 }
 
 }  // namespace
 
 bool gemm_forward_supported(DType dtype, const ConvShape& s) {
-  if (dtype == DType::kFloat32) return false;
-  return gemm_forward_smem(plan_gemm_forward(s), 2) <= 200 * 1024;
+  if (dtype == DType::kFloat32 || !tiny_planes(s)) return false;
+  const TinyParams p = plan_tiny(s);
+  return p.wrows * p.wcols <= kMaxWindow;
 }
 
 bool gemm_weight_grad_supported(DType dtype, const ConvShape& s) {
-  if (dtype == DType::kFloat32) return false;
-  return round_up(s.H * s.W, kTile) <= kMaxGradPlane &&
-         round_up(s.Ho * s.Wo, kTile) <= kMaxGradPlane &&
-         s.kh * s.kw <= kMaxBinsPerThread * kThreads;
+  return dtype != DType::kFloat32 && tiny_planes(s);
 }
 
-cudaError_t launch_forward_gemm(DType dtype, const void* x, const float* weight, const float* bias,
-                                void* y, const ConvShape& shape, cudaStream_t stream) {
+cudaError_t launch_forward_gemm(DType dtype, const void* x, const Filter& filter, void* y,
+                                const ConvShape& shape, cudaStream_t stream) {
   switch (dtype) {
-    case DType::kFloat16: return gemm_forward_typed<__half>(x, weight, bias, y, shape, stream);
+    case DType::kFloat16: return gemm_forward_typed<__half>(x, filter, y, shape, stream);
     case DType::kBFloat16:
-      return gemm_forward_typed<__nv_bfloat16>(x, weight, bias, y, shape, stream);
+      return gemm_forward_typed<__nv_bfloat16>(x, filter, y, shape, stream);
     default: return cudaErrorInvalidValue;
   }
 }

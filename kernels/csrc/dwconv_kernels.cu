@@ -108,8 +108,8 @@ struct ForwardParams {
 // grid (C, tiles_h * tiles_w, ceil(N / planes)); blocks of row_groups * lanes threads. The threads of
 // one row group fill whole warps, so the row range a warp walks is the same for all its lanes.
 template <typename T>
-__global__ void forward_kernel(const T* __restrict__ x, const float* __restrict__ weight,
-                               const float* __restrict__ bias, T* __restrict__ y, ForwardParams p) {
+__global__ void forward_kernel(const T* __restrict__ x, const Filter filter, T* __restrict__ y,
+                               ForwardParams p) {
   extern __shared__ float4 smem4[];
   float* ws = reinterpret_cast<float*>(smem4);
   float* xs = ws + p.s.kh * p.b_cols;
@@ -121,11 +121,10 @@ __global__ void forward_kernel(const T* __restrict__ x, const float* __restrict_
   const int ox0 = tile_c * p.col_groups * kS;
   const int n0 = blockIdx.z * p.planes;
 
-  const float* wc = weight + static_cast<int64_t>(c) * s.kh * s.kw;
   for (int i = threadIdx.x; i < s.kh * p.b_cols; i += blockDim.x) {
     const int r = i / p.b_cols;
     const int col = i - r * p.b_cols;
-    ws[i] = col < s.kw ? wc[r * s.kw + col] : 0.f;
+    ws[i] = col < s.kw ? filter_tap<T>(filter, c, r, col) : 0.f;
   }
   const int plane_floats = p.x_rows * p.x_cols;
   for (int q = 0; q < p.planes; ++q)
@@ -144,7 +143,7 @@ __global__ void forward_kernel(const T* __restrict__ x, const float* __restrict_
   correlate(acc, xs + q * plane_floats, p.x_cols, ws, p.b_cols, s.kh, p.b_cols, rg * kR, cg * kS,
             oy0 - s.pad_h, ox0 - s.pad_w, s.H, s.W);
 
-  const float b = bias ? bias[c] : 0.f;
+  const float b = filter_bias<T>(filter, c);
   T* out = y + n * s.out_stride[0] + c * s.out_stride[1];
 #pragma unroll
   for (int r = 0; r < kR; ++r) {
@@ -343,15 +342,15 @@ int device_sms() {
 }
 
 template <typename T>
-cudaError_t forward_typed(const void* x, const float* weight, const float* bias, void* y,
-                          const ConvShape& s, cudaStream_t stream) {
+cudaError_t forward_typed(const void* x, const Filter& filter, void* y, const ConvShape& s,
+                          cudaStream_t stream) {
   const ForwardParams p = plan_forward(s, device_sms());
   const int threads = p.row_groups * p.lanes;
   const int64_t smem = 4LL * (s.kh * p.b_cols + p.planes * p.x_rows * p.x_cols);
   cudaError_t err = allow_smem(forward_kernel<T>, smem);
   if (err != cudaSuccess) return err;
   const dim3 grid(s.C, ceil_div(s.Ho, p.row_groups * kR) * p.tiles_w, ceil_div(s.N, p.planes));
-  forward_kernel<T><<<grid, threads, smem, stream>>>(static_cast<const T*>(x), weight, bias,
+  forward_kernel<T><<<grid, threads, smem, stream>>>(static_cast<const T*>(x), filter,
                                                      static_cast<T*>(y), p);
   return cudaGetLastError();
 }
@@ -423,18 +422,18 @@ Algo choose_weight_grad(DType dtype, const ConvShape& s) {
 
 }  // namespace
 
-cudaError_t launch_forward(DType dtype, const void* x, const float* weight, const float* bias,
-                           void* y, const ConvShape& shape, cudaStream_t stream) {
+cudaError_t launch_forward(DType dtype, const void* x, const Filter& filter, void* y,
+                           const ConvShape& shape, cudaStream_t stream) {
   switch (choose_forward(dtype, shape)) {
-    case Algo::kGemm: return launch_forward_gemm(dtype, x, weight, bias, y, shape, stream);
-    case Algo::kRows: return launch_forward_rows(dtype, x, weight, bias, y, shape, stream);
-    case Algo::kSmall: return launch_forward_small(dtype, x, weight, bias, y, shape, stream);
+    case Algo::kGemm: return launch_forward_gemm(dtype, x, filter, y, shape, stream);
+    case Algo::kRows: return launch_forward_rows(dtype, x, filter, y, shape, stream);
+    case Algo::kSmall: return launch_forward_small(dtype, x, filter, y, shape, stream);
     default: break;
   }
   switch (dtype) {
-    case DType::kFloat32: return forward_typed<float>(x, weight, bias, y, shape, stream);
-    case DType::kFloat16: return forward_typed<__half>(x, weight, bias, y, shape, stream);
-    case DType::kBFloat16: return forward_typed<__nv_bfloat16>(x, weight, bias, y, shape, stream);
+    case DType::kFloat32: return forward_typed<float>(x, filter, y, shape, stream);
+    case DType::kFloat16: return forward_typed<__half>(x, filter, y, shape, stream);
+    case DType::kBFloat16: return forward_typed<__nv_bfloat16>(x, filter, y, shape, stream);
   }
   return cudaErrorInvalidValue;
 }

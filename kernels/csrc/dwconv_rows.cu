@@ -218,8 +218,7 @@ __device__ __forceinline__ int stage_input_rows(T* dst, const RowsPlan& p, const
 // grid (C, col_tiles * row_tiles, image_blocks), 256 threads.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) rows_forward_kernel(const T* __restrict__ x,
-                                                                const float* __restrict__ weight,
-                                                                const float* __restrict__ bias,
+                                                                const Filter filter,
                                                                 T* __restrict__ y, RowsPlan p) {
   extern __shared__ float4 smem4[];
   const ConvShape& s = p.s;
@@ -242,10 +241,9 @@ __global__ void __launch_bounds__(kThreads) rows_forward_kernel(const T* __restr
   float* os = reinterpret_cast<float*>(xs);
   const int ldo = p.cols + 4;
 
-  const float* wc = weight + static_cast<int64_t>(c) * s.kh * s.kw;
   for (int e = threadIdx.x; e < s.kh * kp_len; e += kThreads) {
     const int i = e / kp_len, j = e - i * kp_len - kKernelPad;
-    kp[e] = bits_of(from_float<T>(j >= 0 && j < s.kw ? wc[i * s.kw + j] : 0.f));
+    kp[e] = bits_of(from_float<T>(j >= 0 && j < s.kw ? filter_tap<T>(filter, c, i, j) : 0.f));
   }
   int x_shift = 0;
   for (int g = 0; g < p.images; ++g)
@@ -335,7 +333,7 @@ __global__ void __launch_bounds__(kThreads) rows_forward_kernel(const T* __restr
     }
   }
   __syncthreads();
-  const float b = bias ? bias[c] : 0.f;
+  const float b = filter_bias<T>(filter, c);
   const int out_rows = min(p.rows, s.Ho - oy0), out_cols = min(p.cols, s.Wo - win.ox0);
   const bool rows_contiguous = s.out_stride[3] == 1 || s.out_stride[2] != 1;
   for (int g = 0; g < p.images && n0 + g < s.N; ++g) {
@@ -575,7 +573,7 @@ Access plane_access(const void* data, const int64_t* stride, int h, int w) {
 }
 
 template <typename T>
-cudaError_t rows_forward_typed(const void* x, const float* weight, const float* bias, void* y,
+cudaError_t rows_forward_typed(const void* x, const Filter& filter, void* y,
                                const ConvShape& s, cudaStream_t stream) {
   RowsPlan p = plan_forward(s);
   p.in = plane_access(x, s.in_stride, s.H, s.W);
@@ -584,7 +582,7 @@ cudaError_t rows_forward_typed(const void* x, const float* weight, const float* 
   cudaError_t err = allow_smem(rows_forward_kernel<T>, smem);
   if (err != cudaSuccess) return err;
   const dim3 grid(s.C, p.col_tiles * p.row_tiles, p.image_blocks);
-  rows_forward_kernel<T><<<grid, kThreads, smem, stream>>>(static_cast<const T*>(x), weight, bias,
+  rows_forward_kernel<T><<<grid, kThreads, smem, stream>>>(static_cast<const T*>(x), filter,
                                                            static_cast<T*>(y), p);
   return cudaGetLastError();
 }
@@ -619,12 +617,12 @@ int64_t rows_weight_grad_workspace_floats(const ConvShape& s, int num_sms) {
   return int64_t(p.image_blocks) * p.col_tiles * p.row_tiles * s.C * s.kh * s.kw;
 }
 
-cudaError_t launch_forward_rows(DType dtype, const void* x, const float* weight, const float* bias,
+cudaError_t launch_forward_rows(DType dtype, const void* x, const Filter& filter,
                                 void* y, const ConvShape& shape, cudaStream_t stream) {
   switch (dtype) {
-    case DType::kFloat16: return rows_forward_typed<__half>(x, weight, bias, y, shape, stream);
+    case DType::kFloat16: return rows_forward_typed<__half>(x, filter, y, shape, stream);
     case DType::kBFloat16:
-      return rows_forward_typed<__nv_bfloat16>(x, weight, bias, y, shape, stream);
+      return rows_forward_typed<__nv_bfloat16>(x, filter, y, shape, stream);
     default: return cudaErrorInvalidValue;
   }
 }

@@ -18,41 +18,44 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kImages = 64;          // images staged together: 4 M tiles
+constexpr int kForwardImages = 64;   // images per forward block: 4 M tiles
+// Images per weight-grad step; 32 for batches that small (half the shared memory, more blocks
+// per SM: RepLKNet-31B@384's stage 4 at batch 32, 0.048 -> 0.035 ms on the H100).
+constexpr int kGradImages = 64;
 constexpr int kPlane = 16;           // the largest plane side
 constexpr int kPitch = 24;           // elements per staged 16-wide row: ldmatrix without conflicts
 constexpr int kTileElems = 16 * kPitch;
 constexpr int kMaxRowsPerWarp = 8;   // weight grad: kernel rows per warp (63 over 8 warps)
 constexpr int kScratchPitch = 20;    // weight grad: a warp's 16x16 fp32 scratch tile
 
-// Rows (y, g) of dst, y < h, g < kImages, hold row y of image n0 + g, columns 0..15 (zero at
+// Rows (y, g) of dst, y < h, g < Images, hold row y of image n0 + g, columns 0..15 (zero at
 // columns >= w and images >= N). With `pairs` (rows contiguous, every row starting on an even
 // element, w even) they are copied two elements at a time with cp.async (complete after
 // cp_async_wait_all); otherwise element by element, loads batched so that several are in flight.
-template <typename T>
+template <int Images, typename T>
 __device__ __forceinline__ void stage_planes(T* dst, const T* __restrict__ src,
                                             const int64_t* stride, int c, int n0, int N, int h,
                                             int w, bool pairs) {
   const T* channel = src + c * stride[1];
   if (pairs) {
     constexpr int kChunks = kPlane / 2;
-    for (int e = threadIdx.x; e < h * kImages * kChunks; e += kThreads) {
-      const int col = 2 * (e % kChunks), g = (e / kChunks) % kImages, y = e / (kChunks * kImages);
+    for (int e = threadIdx.x; e < h * Images * kChunks; e += kThreads) {
+      const int col = 2 * (e % kChunks), g = (e / kChunks) % Images, y = e / (kChunks * Images);
       const bool ok = col < w && n0 + g < N;
       const T* from = ok ? channel + (n0 + g) * stride[0] + y * stride[2] + col : channel;
-      cp_async_4(dst + (y * kImages + g) * kPitch + col, from, ok);
+      cp_async_4(dst + (y * Images + g) * kPitch + col, from, ok);
     }
     return;
   }
   constexpr int kBatch = 8;
-  const int total = h * kImages * kPlane;
+  const int total = h * Images * kPlane;
   unsigned short* out = reinterpret_cast<unsigned short*>(dst);
   for (int e0 = threadIdx.x; e0 < total; e0 += kBatch * kThreads) {
     unsigned short v[kBatch];
 #pragma unroll
     for (int u = 0; u < kBatch; ++u) {
       const int e = e0 + u * kThreads;
-      const int col = e % kPlane, g = (e / kPlane) % kImages, y = e / (kPlane * kImages);
+      const int col = e % kPlane, g = (e / kPlane) % Images, y = e / (kPlane * Images);
       const int n = n0 + g;
       v[u] = 0;
       if (e < total && col < w && n < N)
@@ -70,20 +73,19 @@ __device__ __forceinline__ void stage_planes(T* dst, const T* __restrict__ src,
 // more resident blocks, for planes of up to 8 rows).
 template <typename T, int P>
 __global__ void __launch_bounds__(kThreads) small_forward_kernel(const T* __restrict__ x,
-                                                                 const float* __restrict__ weight,
-                                                                 const float* __restrict__ bias,
-                                                                 T* __restrict__ y, ConvShape s,
-                                                                 bool pair_loads,
-                                                                 bool pair_stores) {
+                                                                    const Filter filter,
+                                                                    T* __restrict__ y, ConvShape s,
+                                                                    bool pair_loads,
+                                                                    bool pair_stores) {
   extern __shared__ float4 smem4[];
-  const int c = blockIdx.x, n0 = blockIdx.y * kImages;
+  const int c = blockIdx.x, n0 = blockIdx.y * kForwardImages;
   T* ts = reinterpret_cast<T*>(smem4);  // kh Toeplitz tiles
-  T* xs = ts + s.kh * kTileElems;       // H * kImages staged rows
-  float* ks = reinterpret_cast<float*>(xs + s.H * kImages * kPitch);
+  T* xs = ts + s.kh * kTileElems;       // H * kForwardImages staged rows
+  float* ks = reinterpret_cast<float*>(xs + s.H * kForwardImages * kPitch);
 
-  const float* wc = weight + static_cast<int64_t>(c) * s.kh * s.kw;
-  for (int e = threadIdx.x; e < s.kh * s.kw; e += kThreads) ks[e] = wc[e];
-  stage_planes(xs, x, s.in_stride, c, n0, s.N, s.H, s.W, pair_loads);
+  for (int e = threadIdx.x; e < s.kh * s.kw; e += kThreads)
+    ks[e] = filter_tap<T>(filter, c, e / s.kw, e % s.kw);
+  stage_planes<kForwardImages>(xs, x, s.in_stride, c, n0, s.N, s.H, s.W, pair_loads);
   cp_async_wait_all();
   __syncthreads();
   for (int e = threadIdx.x; e < s.kh * 256; e += kThreads) {
@@ -95,7 +97,7 @@ __global__ void __launch_bounds__(kThreads) small_forward_kernel(const T* __rest
   __syncthreads();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int m_tiles = min(kImages, s.N - n0 + 15) / 16;
+  const int m_tiles = min(kForwardImages, s.N - n0 + 15) / 16;
   float acc[4][P][2][4] = {};
   for (int qy = 0; qy < s.H; ++qy) {
     int row[P];
@@ -109,27 +111,27 @@ __global__ void __launch_bounds__(kThreads) small_forward_kernel(const T* __rest
       any |= reach[p];
     }
     if (!any) continue;
-    unsigned a[4][4];
+    unsigned b[P][4];
 #pragma unroll
-    for (int m = 0; m < 4; ++m)
-      if (m < m_tiles) ldsm_x4(a[m], xs + (qy * kImages + m * 16) * kPitch + lane_offset(lane, kPitch));
+    for (int p = 0; p < P; ++p)
+      if (reach[p]) ldsm_x4_trans(b[p], ts + row[p] * kTileElems + lane_offset(lane, kPitch));
 #pragma unroll
-    for (int p = 0; p < P; ++p) {
-      if (!reach[p]) continue;
-      unsigned b[4];
-      ldsm_x4_trans(b, ts + row[p] * kTileElems + lane_offset(lane, kPitch));
+    for (int m = 0; m < 4; ++m) {
+      if (m >= m_tiles) continue;
+      unsigned a[4];
+      ldsm_x4(a, xs + (qy * kForwardImages + m * 16) * kPitch + lane_offset(lane, kPitch));
 #pragma unroll
-      for (int m = 0; m < 4; ++m) {
-        if (m >= m_tiles) continue;
-        mma<T>(acc[m][p][0], a[m], b[0], b[1]);
-        mma<T>(acc[m][p][1], a[m], b[2], b[3]);
+      for (int p = 0; p < P; ++p) {
+        if (!reach[p]) continue;
+        mma<T>(acc[m][p][0], a, b[p][0], b[p][1]);
+        mma<T>(acc[m][p][1], a, b[p][2], b[p][3]);
       }
     }
   }
 
   // Accumulator element e of an m16n8 tile: image row lane / 4 + 8 * (e / 2), column
   // 2 * (lane % 4) + e % 2.
-  const float b = bias ? bias[c] : 0.f;
+  const float b = filter_bias<T>(filter, c);
   T* out = y + c * s.out_stride[1];
 #pragma unroll
   for (int m = 0; m < 4; ++m) {
@@ -159,8 +161,9 @@ __global__ void __launch_bounds__(kThreads) small_forward_kernel(const T* __rest
   }
 }
 
-// grid (C), 256 threads; dw is (C, kh, kw) contiguous; R >= ceil(kh / 8) kernel rows per warp.
-template <typename T, int R>
+// grid (C), 256 threads; dw is (C, kh, kw) contiguous; R >= ceil(kh / 8) kernel rows per warp,
+// Images per step.
+template <typename T, int R, int Images>
 __global__ void __launch_bounds__(kThreads) small_weight_grad_kernel(const T* __restrict__ x,
                                                                      const T* __restrict__ dy,
                                                                      T* __restrict__ dw,
@@ -168,23 +171,23 @@ __global__ void __launch_bounds__(kThreads) small_weight_grad_kernel(const T* __
                                                                      bool dy_pairs) {
   extern __shared__ float4 smem4[];
   const int c = blockIdx.x;
-  T* xs = reinterpret_cast<T*>(smem4);   // H * kImages staged input rows
-  T* ds = xs + s.H * kImages * kPitch;   // Ho * kImages staged output-gradient rows
-  float* scratch = reinterpret_cast<float*>(ds + s.Ho * kImages * kPitch);
+  T* xs = reinterpret_cast<T*>(smem4);  // H * Images staged input rows
+  T* ds = xs + s.H * Images * kPitch;   // Ho * Images staged output-gradient rows
+  float* scratch = reinterpret_cast<float*>(ds + s.Ho * Images * kPitch);
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   float acc[R][2][4] = {};
-  for (int n0 = 0; n0 < s.N; n0 += kImages) {
+  for (int n0 = 0; n0 < s.N; n0 += Images) {
     __syncthreads();  // the previous images' products are done with xs and ds
-    stage_planes(xs, x, s.in_stride, c, n0, s.N, s.H, s.W, x_pairs);
-    stage_planes(ds, dy, s.out_stride, c, n0, s.N, s.Ho, s.Wo, dy_pairs);
+    stage_planes<Images>(xs, x, s.in_stride, c, n0, s.N, s.H, s.W, x_pairs);
+    stage_planes<Images>(ds, dy, s.out_stride, c, n0, s.N, s.Ho, s.Wo, dy_pairs);
     cp_async_wait_all();
     __syncthreads();
-    const int m_tiles = min(kImages, s.N - n0 + 15) / 16;
+    const int m_tiles = min(Images, s.N - n0 + 15) / 16;
     for (int oy = 0; oy < s.Ho; ++oy) {
       for (int m = 0; m < m_tiles; ++m) {
         unsigned a[4];
-        ldsm_x4_trans(a, ds + (oy * kImages + m * 16) * kPitch +
+        ldsm_x4_trans(a, ds + (oy * Images + m * 16) * kPitch +
                              lane_offset_transposed_a(lane, kPitch));
 #pragma unroll
         for (int r = 0; r < R; ++r) {
@@ -192,7 +195,7 @@ __global__ void __launch_bounds__(kThreads) small_weight_grad_kernel(const T* __
           const int qy = oy + i - s.pad_h;
           if (i >= s.kh || qy < 0 || qy >= s.H) continue;
           unsigned b[4];
-          ldsm_x4_trans(b, xs + (qy * kImages + m * 16) * kPitch + lane_offset(lane, kPitch));
+          ldsm_x4_trans(b, xs + (qy * Images + m * 16) * kPitch + lane_offset(lane, kPitch));
           mma<T>(acc[r][0], a, b[0], b[1]);
           mma<T>(acc[r][1], a, b[2], b[3]);
         }
@@ -233,52 +236,60 @@ bool pairwise(const void* data, const int64_t* stride, int w) {
 }
 
 int64_t forward_smem(const ConvShape& s) {
-  return 2LL * (s.kh * kTileElems + s.H * kImages * kPitch) + 4LL * s.kh * s.kw;
+  return 2LL * (s.kh * kTileElems + s.H * kForwardImages * kPitch) + 4LL * s.kh * s.kw;
 }
 
-int64_t weight_grad_smem(const ConvShape& s) {
-  return 2LL * (s.H + s.Ho) * kImages * kPitch + 4LL * kWarps * 16 * kScratchPitch;
+int64_t weight_grad_smem(const ConvShape& s, int images) {
+  return 2LL * (s.H + s.Ho) * images * kPitch + 4LL * kWarps * 16 * kScratchPitch;
 }
 
 template <typename T, int P>
-cudaError_t small_forward_typed(const void* x, const float* weight, const float* bias, void* y,
-                                const ConvShape& s, cudaStream_t stream) {
+cudaError_t small_forward_typed(const void* x, const Filter& filter, void* y, const ConvShape& s,
+                                cudaStream_t stream) {
   const int64_t smem = forward_smem(s);
   cudaError_t err = allow_smem(small_forward_kernel<T, P>, smem);
   if (err != cudaSuccess) return err;
   // Two outputs per 4-byte store when every (row, even column) pair is 4-byte aligned.
-  const dim3 grid(s.C, ceil_div(s.N, kImages));
+  const dim3 grid(s.C, ceil_div(s.N, kForwardImages));
   small_forward_kernel<T, P><<<grid, kThreads, smem, stream>>>(
-      static_cast<const T*>(x), weight, bias, static_cast<T*>(y), s,
+      static_cast<const T*>(x), filter, static_cast<T*>(y), s,
       pairwise(x, s.in_stride, s.W), pairwise(y, s.out_stride, s.Wo));
   return cudaGetLastError();
 }
 
-template <typename T, int R>
+template <typename T, int R, int Images>
 cudaError_t small_weight_grad_typed(const void* x, const void* dy, void* dw, const ConvShape& s,
                                     cudaStream_t stream) {
-  const int64_t smem = weight_grad_smem(s);
-  cudaError_t err = allow_smem(small_weight_grad_kernel<T, R>, smem);
+  const int64_t smem = weight_grad_smem(s, Images);
+  cudaError_t err = allow_smem(small_weight_grad_kernel<T, R, Images>, smem);
   if (err != cudaSuccess) return err;
-  small_weight_grad_kernel<T, R><<<s.C, kThreads, smem, stream>>>(
+  small_weight_grad_kernel<T, R, Images><<<s.C, kThreads, smem, stream>>>(
       static_cast<const T*>(x), static_cast<const T*>(dy), static_cast<T*>(dw), s,
       pairwise(x, s.in_stride, s.W), pairwise(dy, s.out_stride, s.Wo));
   return cudaGetLastError();
 }
 
 template <typename T>
-cudaError_t small_forward_rows(const void* x, const float* weight, const float* bias, void* y,
-                               const ConvShape& s, cudaStream_t stream) {
-  return s.Ho <= kWarps ? small_forward_typed<T, 1>(x, weight, bias, y, s, stream)
-                        : small_forward_typed<T, 2>(x, weight, bias, y, s, stream);
+cudaError_t small_forward_rows(const void* x, const Filter& filter, void* y, const ConvShape& s,
+                               cudaStream_t stream) {
+  return s.Ho <= kWarps ? small_forward_typed<T, 1>(x, filter, y, s, stream)
+                        : small_forward_typed<T, 2>(x, filter, y, s, stream);
+}
+
+template <typename T, int R>
+cudaError_t small_weight_grad_images(const void* x, const void* dy, void* dw, const ConvShape& s,
+                                     cudaStream_t stream) {
+  constexpr int kHalf = kGradImages / 2;
+  return s.N <= kHalf ? small_weight_grad_typed<T, R, kHalf>(x, dy, dw, s, stream)
+                      : small_weight_grad_typed<T, R, kGradImages>(x, dy, dw, s, stream);
 }
 
 template <typename T>
 cudaError_t small_weight_grad_rows(const void* x, const void* dy, void* dw, const ConvShape& s,
                                    cudaStream_t stream) {
-  if (s.kh <= 2 * kWarps) return small_weight_grad_typed<T, 2>(x, dy, dw, s, stream);
-  if (s.kh <= 4 * kWarps) return small_weight_grad_typed<T, 4>(x, dy, dw, s, stream);
-  return small_weight_grad_typed<T, kMaxRowsPerWarp>(x, dy, dw, s, stream);
+  if (s.kh <= 2 * kWarps) return small_weight_grad_images<T, 2>(x, dy, dw, s, stream);
+  if (s.kh <= 4 * kWarps) return small_weight_grad_images<T, 4>(x, dy, dw, s, stream);
+  return small_weight_grad_images<T, kMaxRowsPerWarp>(x, dy, dw, s, stream);
 }
 
 }  // namespace
@@ -288,13 +299,12 @@ bool small_supported(DType dtype, const ConvShape& s) {
          s.Wo <= kPlane && s.kh <= kMaxRowsPerWarp * kWarps;
 }
 
-cudaError_t launch_forward_small(DType dtype, const void* x, const float* weight,
-                                 const float* bias, void* y, const ConvShape& shape,
-                                 cudaStream_t stream) {
+cudaError_t launch_forward_small(DType dtype, const void* x, const Filter& filter, void* y,
+                                 const ConvShape& shape, cudaStream_t stream) {
   switch (dtype) {
-    case DType::kFloat16: return small_forward_rows<__half>(x, weight, bias, y, shape, stream);
+    case DType::kFloat16: return small_forward_rows<__half>(x, filter, y, shape, stream);
     case DType::kBFloat16:
-      return small_forward_rows<__nv_bfloat16>(x, weight, bias, y, shape, stream);
+      return small_forward_rows<__nv_bfloat16>(x, filter, y, shape, stream);
     default: return cudaErrorInvalidValue;
   }
 }

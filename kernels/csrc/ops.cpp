@@ -15,6 +15,8 @@
 
 #include "dwconv.h"
 
+#include <utility>
+
 namespace lknets {
 namespace {
 
@@ -104,23 +106,28 @@ at::Tensor correlate(const at::Tensor& in, const at::Tensor& weight,
                              in.options().memory_format(layout_of(in)));
   if (out.numel() == 0) return out;
   const c10::cuda::CUDAGuard guard(in.device());
-  at::Tensor w = weight.to(at::kFloat).reshape({weight.size(0), kh, kw});
-  if (flip) w = w.flip({1, 2});
   at::Tensor b;
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == in.size(1),
                 "lknets depthwise conv: bias must be (C,) with C = ", in.size(1), ", got ",
                 bias->sizes());
-    b = bias->to(at::kFloat).contiguous();
+    b = bias->to(in.scalar_type()).contiguous();
+  }
+  // The kernels read the weight where it is: the rotation and the transposed view are strides.
+  Filter f{weight.data_ptr(), 0, {weight.stride(0), weight.stride(2), weight.stride(3)},
+           b.defined() ? b.data_ptr() : nullptr};
+  if (flip) {
+    f.offset = (kh - 1) * f.stride[1] + (kw - 1) * f.stride[2];
+    f.stride[1] = -f.stride[1];
+    f.stride[2] = -f.stride[2];
   }
   const bool transpose = kw < kh;
+  if (transpose) std::swap(f.stride[1], f.stride[2]);
   const at::Tensor in_v = transpose ? in.transpose(2, 3) : in;
   const at::Tensor out_v = transpose ? out.transpose(2, 3) : out;
-  w = (transpose ? w.transpose(1, 2) : w).contiguous();
   const ConvShape s = transpose ? make_shape(in_v, out_v, kw, kh, pad_w, pad_h)
                                 : make_shape(in_v, out_v, kh, kw, pad_h, pad_w);
-  check_launch(launch_forward(dtype_of(in), in_v.data_ptr(), w.data_ptr<float>(),
-                              b.defined() ? b.data_ptr<float>() : nullptr, out_v.data_ptr(), s,
+  check_launch(launch_forward(dtype_of(in), in_v.data_ptr(), f, out_v.data_ptr(), s,
                               c10::cuda::getCurrentCUDAStream().stream()),
                "forward kernel");
   return out;
