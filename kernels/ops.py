@@ -6,8 +6,8 @@ cached, on the first call that runs on a GPU. The weight gradient is determinist
 partial sums are reduced in a fixed order, with no atomics.
 
 The extension runs fp32 on a direct CUDA-core kernel and fp16/bf16 on one of three tensor-core
-(GEMM) formulations chosen by plane size: the plane GEMM up to 8x8, the small-plane GEMM up to
-16x16, the row-Toeplitz GEMM beyond (see benchmarks/RESULTS.md). The environment variable
+(GEMM) formulations chosen by plane size: the plane GEMM up to 64 pixels (8x8), the small-plane
+GEMM up to 16x16, the row-Toeplitz GEMM beyond (see benchmarks/RESULTS.md). The environment variable
 ``LKNETS_DWCONV_ALGO=direct|gemm|small|rows`` forces one where it takes the shape (benchmarks,
 tests). The tensor-core paths are NCHW-native: other layouts are read and written through strides.
 """

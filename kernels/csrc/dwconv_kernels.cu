@@ -396,7 +396,7 @@ Algo forced_algo() {
 
 // fp32 always runs the direct kernels (the tensor-core paths take 16-bit operands). For fp16 /
 // bf16, where each measured fastest (H100, benchmarks/RESULTS.md): the plane GEMM for planes of up
-// to 8x8, the small-plane GEMM up to 16x16, the row-Toeplitz GEMM beyond. A forced formulation
+// to 64 pixels, the small-plane GEMM up to 16x16, the row-Toeplitz GEMM beyond. A forced formulation
 // that does not take the shape falls back to the row-Toeplitz GEMM, which takes every 16-bit shape.
 Algo choose(DType dtype, const ConvShape& s, bool plane_gemm_supported) {
   if (dtype == DType::kFloat32) return Algo::kDirect;
