@@ -202,12 +202,12 @@ def test_all_directions_match_float64(shape, k, dtype):
 # else the row-Toeplitz GEMM runs). The plane GEMM (default up to 8x8) takes planes of up to 64
 # pixels in blocks of 64 images; contiguous planes whose image stride is a multiple of 8 elements
 # are staged with 16-byte copies from the 16-byte boundary before each plane (the shift differs per
-# channel), others element by element; the small-plane GEMM (default up to 16x16) on planes of up to 16x16 in blocks of 64 images; the
-# row-Toeplitz GEMM (default beyond) tiles outputs in blocks of up to 64 x 64, skips band tiles and
+# channel), others element by element; the small-plane GEMM (default up to 16x16) on planes of up
+# to 16x16 in forward blocks of 32 images and weight-grad steps of 32 or 64; the row-Toeplitz GEMM (default beyond) tiles outputs in blocks of up to 64 x 64, skips band tiles and
 # padding rows, and reads H/W-transposed views with vectors down their columns.
 ALGO_SHAPES = [
-    ((70, 5, 16, 16), (13, 13)),     # largest tensor-core weight-grad plane, two batch blocks
-    ((3, 6, 17, 15), (13, 13)),      # 255-pixel plane: 16-padded to 256
+    ((70, 5, 16, 16), (13, 13)),     # largest small-plane GEMM plane, three image blocks
+    ((3, 6, 17, 15), (13, 13)),      # just over the small-plane GEMM's limit
     ((2, 4, 33, 33), (31, 31)),      # row-Toeplitz by default
     ((2, 3, 40, 37), (7, 7)),        # many column blocks, clipped input-row ranges
     ((65, 3, 7, 7), (13, 13)),
