@@ -15,9 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 
-__all__ = ["DropPath", "trunc_normal_", "LayerNorm2d", "DepthwiseConv2d", "DilatedDepthwiseConv2d",
-           "depthwise_conv2d", "dilate_kernel", "to_2tuple", "drop_path_rates", "set_lk_impl",
-           "get_lk_impl", "LK_IMPLS"]
+__all__ = ["DropPath", "trunc_normal_", "LayerNorm2d", "DepthwiseConv2d", "depthwise_conv2d",
+           "to_2tuple", "drop_path_rates", "set_lk_impl", "get_lk_impl", "LK_IMPLS"]
 
 IntOrPair = Union[int, Tuple[int, int]]
 
@@ -119,36 +118,21 @@ def _kernels_ready(strict: bool) -> bool:
     return _kernel_state
 
 
-def dilate_kernel(kernel: torch.Tensor, dilation: int) -> torch.Tensor:
-    """The dense kernel equivalent to ``kernel`` applied with ``dilation``.
-
-    A k x k kernel becomes (dilation * (k - 1) + 1) square, with dilation - 1 zeros between taps.
-    Differentiable: the gradient of the dense kernel flows back to the taps.
-    """
-    if dilation == 1:
-        return kernel
-    kh, kw = kernel.shape[-2:]
-    dense = kernel.new_zeros(*kernel.shape[:-2], dilation * (kh - 1) + 1, dilation * (kw - 1) + 1)
-    dense[..., ::dilation, ::dilation] = kernel
-    return dense
-
-
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                     padding: Optional[IntOrPair] = None, dilation: int = 1) -> torch.Tensor:
+                     padding: Optional[IntOrPair] = None) -> torch.Tensor:
     """Depthwise, stride-1 cross-correlation of ``x`` (N, C, H, W) with ``weight`` (C, 1, kh, kw).
 
-    ``padding`` defaults to half the dilated extent, which keeps H and W for odd kernels. The
-    implementation follows :func:`set_lk_impl`; lknets' kernels have no dilation, so a dilated
-    kernel they take runs as its dense, zero-filled equivalent (:func:`dilate_kernel`).
+    ``padding`` defaults to ``(kh // 2, kw // 2)``, which keeps H and W for odd kernels. The
+    implementation follows :func:`set_lk_impl`.
     """
-    kh, kw = (dilation * (k - 1) + 1 for k in weight.shape[-2:])
+    kh, kw = weight.shape[-2:]
     pad = (kh // 2, kw // 2) if padding is None else to_2tuple(padding)
     impl = get_lk_impl()
     training = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     if x.is_cuda and impl != "torch" and (impl == "cuda" or _kernel_wins(x, kh, kw, training)):
         if _kernels_ready(impl == "cuda"):
-            return _kernel_fn(x, dilate_kernel(weight, dilation), bias, pad)
-    return F.conv2d(x, weight, bias, 1, pad, dilation, weight.shape[0])
+            return _kernel_fn(x, weight, bias, pad)
+    return F.conv2d(x, weight, bias, 1, pad, 1, weight.shape[0])
 
 
 class DepthwiseConv2d(nn.Conv2d):
@@ -164,20 +148,6 @@ class DepthwiseConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return depthwise_conv2d(x, self.weight, self.bias, self.padding)
-
-
-class DilatedDepthwiseConv2d(nn.Conv2d):
-    """Depthwise stride-1 k x k conv with ``dilation`` and 'same' padding, without bias;
-    parameters and state_dict keys of nn.Conv2d (UniRepLKNet's dilated re-param branches).
-    """
-
-    def __init__(self, channels: int, kernel_size: int, dilation: int) -> None:
-        super().__init__(channels, channels, kernel_size, stride=1,
-                         padding=(dilation * (kernel_size - 1) + 1) // 2, dilation=dilation,
-                         groups=channels, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return depthwise_conv2d(x, self.weight, None, self.padding, self.dilation[0])
 
 
 class LayerNorm2d(nn.LayerNorm):

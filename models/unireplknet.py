@@ -6,10 +6,8 @@ training form and in the deploy form (``deploy=True``, or a trained model after
 strictly.
 
 Differences from upstream, on purpose:
-- The dilated-branch merge dilates kernels by strided assignment (``models.layers.dilate_kernel``),
-  so re-parameterization works in float64 (upstream's conv_transpose trick fails there).
-- The dilated branches go through the shared depthwise entry point like the large kernel: where
-  lknets' (undilated) kernels take them, they run as their dense, zero-filled equivalents.
+- The dilated-branch merge dilates kernels by strided assignment (``models.reparam``), so
+  re-parameterization works in float64 (upstream's conv_transpose trick fails there).
 - ``reparameterize()`` always folds the layer scale, BN and GRN bias into ``pwconv2``; upstream
   drops the layer scale unfolded when GRN has no bias.
 - ``use_checkpoint=True`` is accepted as an alias of ``with_cp=True`` (the framework's flag).
@@ -25,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .convnext import _init_weights, convnext_layer_id
-from .layers import DepthwiseConv2d, DilatedDepthwiseConv2d, DropPath, LayerNorm2d, drop_path_rates
+from .layers import DepthwiseConv2d, DropPath, LayerNorm2d, drop_path_rates
 from .registry import Family, register_family, register_model
 from .reparam import depthwise_conv_from, fuse_bn, linear_from, merge_kernels
 
@@ -112,7 +110,10 @@ class DilatedReparamBlock(nn.Module):
         if not deploy:
             self.origin_bn = norm_layer(channels)
             for k, r in self.branches:
-                self.add_module(_branch_name("conv", k, r), DilatedDepthwiseConv2d(channels, k, r))
+                # Plain nn.Conv2d: the shared depthwise entry point is undilated.
+                self.add_module(_branch_name("conv", k, r), nn.Conv2d(
+                    channels, channels, k, padding=(r * (k - 1) + 1) // 2, dilation=r,
+                    groups=channels, bias=False))
                 self.add_module(_branch_name("bn", k, r), norm_layer(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -352,39 +352,6 @@ def test_autocast_casts_to_the_autocast_dtype():
     assert _rel(y, y_ref) < 1e-2
 
 
-@pytest.mark.parametrize("k,r", [(3, 4), (7, 2), (5, 1)])
-def test_dilated_entry_point_on_torch_equals_dilated_conv(k, r):
-    conv = layers.DilatedDepthwiseConv2d(4, k, r).double()
-    x = torch.randn(2, 4, 11, 12, dtype=torch.float64)
-    expected = F.conv2d(x, conv.weight, None, 1, r * (k - 1) // 2, r, 4)
-    assert conv(x).shape == x.shape
-    assert (conv(x) - expected).abs().max().item() < 1e-12
-
-
-@gpu
-@pytest.mark.parametrize("size", [28, 14, 7])
-@pytest.mark.parametrize("k,r", [(3, 5), (7, 2)])
-def test_dilated_conv_runs_on_the_kernels_as_a_dense_kernel(size, k, r):
-    # UniRepLKNet's dilated branches: lknets' kernels have no dilation, so the entry point runs
-    # them with the zero-filled dense kernel and autograd takes its gradient back to the taps.
-    conv = layers.DilatedDepthwiseConv2d(8, k, r).cuda().bfloat16()
-    x = torch.randn(3, 8, size, size, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    layers.set_lk_impl("cuda")
-    try:
-        y = conv(x)
-        dy = torch.randn_like(y)
-        grads = torch.autograd.grad(y, [x, conv.weight], dy)
-    finally:
-        layers.set_lk_impl("auto")
-    xd = x.detach().double().requires_grad_()
-    wd = conv.weight.detach().double().requires_grad_()
-    y_ref = F.conv2d(xd, wd, None, 1, r * (k - 1) // 2, r, 8)
-    g_ref = torch.autograd.grad(y_ref, [xd, wd], dy.double())
-    errs = [_rel(y, y_ref)] + [_rel(g, ref) for g, ref in zip(grads, g_ref)]
-    assert grads[1].shape == (8, 1, k, k)
-    assert max(errs) < TOL[torch.bfloat16], errs
-
-
 @gpu
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_torch_compile_has_no_graph_break(backend):

