@@ -25,7 +25,7 @@ from datasets import DATA_SETS, EpochSeededDataset, build_dataset
 from engine import evaluate, train_one_epoch
 from optim_factory import create_optimizer
 from sparse import Masking, add_sparse_args
-from utils import UserError, str2bool
+from utils import UserError, exit_status, str2bool
 
 AMP_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -474,12 +474,7 @@ def cli(argv: Optional[list] = None) -> int:
     args = parser.parse_args(argv)
     if args.output_dir:
         os.makedirs(args.output_dir, exist_ok=True)
-    try:
-        main(args)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+    return exit_status(lambda: main(args))
 
 
 if __name__ == "__main__":

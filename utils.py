@@ -11,10 +11,11 @@ import os
 import random
 import re
 import signal
+import sys
 import threading
 import time
 from collections import OrderedDict, defaultdict, deque
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -22,7 +23,18 @@ import torch.distributed as dist
 
 
 class UserError(Exception):
-    """A problem with the user's input; main.py prints it as one line and exits non-zero."""
+    """A problem with the user's input; command-line entry points report it through exit_status."""
+
+
+def exit_status(command: Callable[[], Any]) -> int:
+    """Runs a command-line entry point's work: 0 when it returns, 2 after printing a UserError as
+    one ``error: ...`` line on stderr (other exceptions propagate with their traceback)."""
+    try:
+        command()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    return 0
 
 
 _TRUE = {"true", "t", "yes", "y", "1", "on"}

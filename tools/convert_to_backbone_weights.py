@@ -113,13 +113,12 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = get_args_parser().parse_args(argv)
-    try:
+
+    def convert() -> None:
         path = convert_checkpoint(args.model, args.variant, args.checkpoint, args.output_dir)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote backbone weights of {args.model} {args.variant} to {path}")
-    return 0
+        print(f"wrote backbone weights of {args.model} {args.variant} to {path}")
+
+    return utils.exit_status(convert)
 
 
 if __name__ == "__main__":

@@ -58,13 +58,12 @@ def reparameterize_checkpoint(model_name: str, src: str, dst: str,
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = get_args_parser().parse_args(argv)
-    try:
+
+    def reparameterize() -> None:
         reparameterize_checkpoint(args.model, args.src, args.dst, args.nb_classes, args.model_key)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote the deploy form of {args.model} to {args.dst}")
-    return 0
+        print(f"wrote the deploy form of {args.model} to {args.dst}")
+
+    return utils.exit_status(reparameterize)
 
 
 if __name__ == "__main__":
