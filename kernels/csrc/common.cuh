@@ -37,6 +37,13 @@ __device__ __forceinline__ unsigned short bits_of(T v) {
   return *reinterpret_cast<const unsigned short*>(&v);
 }
 
+// Two 16-bit values in one 32-bit word, `lo` first in memory (an mma operand register, or a
+// 4-byte store of two neighbouring outputs).
+template <typename T>
+__device__ __forceinline__ unsigned pack(T lo, T hi) {
+  return unsigned(bits_of(lo)) | (unsigned(bits_of(hi)) << 16);
+}
+
 template <typename T>
 __device__ __forceinline__ float filter_tap(const Filter& f, int c, int i, int j) {
   return to_float(static_cast<const T*>(f.weight)[f.offset + c * f.stride[0] + i * f.stride[1] +

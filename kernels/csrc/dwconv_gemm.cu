@@ -99,11 +99,6 @@ __device__ __forceinline__ void clear_neighbours(T* dst, int n0, int N, int plan
   }
 }
 
-template <typename T>
-__device__ __forceinline__ unsigned pack(T lo, T hi) {
-  return unsigned(bits_of(lo)) | (unsigned(bits_of(hi)) << 16);
-}
-
 // grid (C, ceil(N / 64)), 128 threads; dynamic shared memory: the padded kernel (fp32). Warp w
 // computes n tiles w and w + 4 (8 output columns each) for all 64 images.
 template <typename T>

@@ -271,7 +271,7 @@ __global__ void __launch_bounds__(kThreads) rows_forward_kernel(const T* __restr
       unsigned packed[4];
 #pragma unroll
       for (int e = 0; e < 4; ++e)
-        packed[e] = unsigned(taps[-2 * e]) | (unsigned(taps[-2 * e - 1]) << 16);
+        packed[e] = pack(taps[-2 * e], taps[-2 * e - 1]);
       *reinterpret_cast<uint4*>(ts + tile * kTileElems + r * kTilePitch + 8 * half) =
           make_uint4(packed[0], packed[1], packed[2], packed[3]);
     }

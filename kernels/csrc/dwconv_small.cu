@@ -153,7 +153,7 @@ __global__ void __launch_bounds__(kThreads) small_forward_kernel(const T* __rest
           const T v0 = from_float<T>(acc[m][p][h][2 * half] + b);
           const T v1 = from_float<T>(acc[m][p][h][2 * half + 1] + b);
           if (pair_stores) {
-            *reinterpret_cast<unsigned*>(dst) = unsigned(bits_of(v0)) | (unsigned(bits_of(v1)) << 16);
+            *reinterpret_cast<unsigned*>(dst) = pack(v0, v1);
           } else {
             dst[0] = v0;
             if (ox + 1 < s.Wo) dst[s.out_stride[3]] = v1;
