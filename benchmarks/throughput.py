@@ -1,15 +1,18 @@
 """End-to-end training and inference images/s, torch's depthwise conv vs lknets' kernel, one run.
 
     python benchmarks/throughput.py [--model RepLKNet-31B,unireplknet_t,SLaK_tiny]
-        [--lk_impl torch,auto] [--amp_dtype bf16] [--batch_size 64] [--input_size 224]
+        [--lk_impl torch,auto[,bound]] [--amp_dtype bf16] [--batch_size 64] [--input_size 224]
 
 A training step is forward, cross-entropy, backward and an AdamW step under torch.autocast;
 inference is the forward under autocast and no_grad, model in eval mode. Synthetic inputs; each
-number is the median over timed steps after warm-up.
+number is the median over timed steps after warm-up. `bound` is no implementation: every
+stride-1 depthwise conv (the large kernels and the re-param branches, dilated or not) is skipped,
+so its rate bounds what any depthwise-conv kernel could give the model.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -31,6 +34,27 @@ PAPER_KWARGS = {
 }
 
 
+@contextlib.contextmanager
+def depthwise_convs_skipped():
+    """F.conv2d (which nn.Conv2d and the torch path of models.layers call) with every stride-1
+    depthwise conv skipped: its input is passed on (plus the bias), in the dtype autocast would
+    give the conv. Nothing is computed for it and its weight gets no gradient."""
+    conv2d = F.conv2d
+
+    def skipped(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+        if groups == 1 or groups != x.shape[1] or weight.shape[0] != groups or stride not in (1, (1, 1)):
+            return conv2d(x, weight, bias, stride, padding, dilation, groups)
+        autocast = torch.is_autocast_enabled("cuda")
+        y = x.to(torch.get_autocast_dtype("cuda")) if autocast else x
+        return y if bias is None else y + bias.to(y.dtype).view(1, -1, 1, 1)
+
+    F.conv2d = skipped
+    try:
+        yield
+    finally:
+        F.conv2d = conv2d
+
+
 def median_step_s(step, warmup: int, steps: int) -> float:
     for _ in range(warmup):
         step()
@@ -45,6 +69,9 @@ def median_step_s(step, warmup: int, steps: int) -> float:
 
 
 def measure(name: str, impl: str, amp_dtype, batch: int, size: int, warmup: int, steps: int):
+    if impl == "bound":
+        with depthwise_convs_skipped():
+            return measure(name, "torch", amp_dtype, batch, size, warmup, steps)
     set_lk_impl(impl)
     torch.manual_seed(0)
     model = create_model(name, **PAPER_KWARGS.get(name, {})).cuda()

@@ -2,12 +2,14 @@
 
 The ops are defined in Python so that they exist (for torch.compile tracing, fake tensors and
 autograd) whether or not the CUDA extension is built; the extension is loaded, or JIT-built and
-cached, on the first call that runs on a GPU. The weight gradient is deterministic: per-block
-partial sums are reduced in a fixed order, with no atomics.
+cached, on the first call that runs on a GPU. Eager calls on plain CUDA tensors take a leaner
+autograd.Function over the same extension ops (host time). The weight gradient is deterministic:
+per-block partial sums are reduced in a fixed order, with no atomics.
 
-The extension runs fp32 on a direct CUDA-core kernel and fp16/bf16 on one of three tensor-core
-(GEMM) formulations chosen by plane size: the plane GEMM up to 64 pixels (8x8), the small-plane
-GEMM up to 16x16, the row-Toeplitz GEMM beyond (see benchmarks/RESULTS.md). The environment variable
+The extension runs fp16/bf16 on one of three tensor-core (GEMM) formulations chosen by plane size:
+the plane GEMM up to 64 pixels (8x8), the small-plane GEMM up to 16x16, the row-Toeplitz GEMM
+beyond; fp32 on the small-plane GEMM in 3xTF32 up to 16x16 and on a direct CUDA-core kernel beyond
+(see benchmarks/RESULTS.md). The environment variable
 ``LKNETS_DWCONV_ALGO=direct|gemm|small|rows`` forces one where it takes the shape (benchmarks,
 tests). The tensor-core paths are NCHW-native: other layouts are read and written through strides.
 """
@@ -131,20 +133,44 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def _backward(ctx, grad: Tensor):
+def _gradients(ctx, grad: Tensor, input_grad, weight_grad):
     x, weight = ctx.saved_tensors
     pad_h, pad_w = ctx.pad
     grad_x = grad_w = grad_b = None
     if ctx.needs_input_grad[0]:
-        grad_x = dwconv2d_input_grad(grad, weight, pad_h, pad_w)
+        grad_x = input_grad(grad, weight, pad_h, pad_w)
     if ctx.needs_input_grad[1]:
-        grad_w = dwconv2d_weight_grad(x, grad, weight.shape[2], weight.shape[3], pad_h, pad_w)
+        grad_w = weight_grad(x, grad, weight.shape[2], weight.shape[3], pad_h, pad_w)
     if ctx.has_bias and ctx.needs_input_grad[2]:
         grad_b = grad.sum((0, 2, 3), dtype=torch.float32).to(grad.dtype)
     return grad_x, grad_w, grad_b, None, None
 
 
+def _backward(ctx, grad: Tensor):
+    return _gradients(ctx, grad, dwconv2d_input_grad, dwconv2d_weight_grad)
+
+
 dwconv2d.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerDwconv2d(torch.autograd.Function):
+    """The same op for eager calls on plain CUDA tensors, calling the extension directly.
+
+    A Python custom op's dispatch cost about 80 us of host time per forward and 350 us per
+    backward (H100 machine, torch 2.11; the extension's own op 17 us), which left the GPU idle in
+    models with many small depthwise convs (UniRepLKNet-T trained slower than on torch's path).
+    torch.compile, fake tensors and tensor subclasses still go through ``lknets::dwconv2d``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, pad_h, pad_w):
+        _setup_context(ctx, (x, weight, bias, pad_h, pad_w), None)
+        return load_extension().forward(x, weight, bias, pad_h, pad_w)
+
+    @staticmethod
+    def backward(ctx, grad):
+        ops = load_extension()
+        return _gradients(ctx, grad, ops.input_grad, ops.weight_grad)
 
 
 def _pair(value) -> Tuple[int, int]:
@@ -181,4 +207,6 @@ def depthwise_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
         raise TypeError(f"depthwise_conv2d: input dtype {x.dtype}, weight dtype {weight.dtype}"
                         + (f", bias dtype {bias.dtype}" if bias is not None else "")
                         + " must match (or run under torch.autocast)")
+    if type(x) is Tensor and x.is_cuda and not torch.compiler.is_compiling():
+        return _EagerDwconv2d.apply(x, weight, bias, pad_h, pad_w)
     return dwconv2d(x, weight, bias, pad_h, pad_w)

@@ -203,8 +203,11 @@ def test_all_directions_match_float64(shape, k, dtype):
 # pixels in blocks of 64 images; contiguous planes whose image stride is a multiple of 8 elements
 # are staged with 16-byte copies from the 16-byte boundary before each plane (the shift differs per
 # channel), others element by element; the small-plane GEMM (default up to 16x16) on planes of up
-# to 16x16 in forward blocks of 32 images and weight-grad steps of 32 or 64; the row-Toeplitz GEMM (default beyond) tiles outputs in blocks of up to 64 x 64, skips band tiles and
-# padding rows, and reads H/W-transposed views with vectors down their columns.
+# to 16x16 in forward blocks of 32 images and weight-grad steps of 32 or 64 (fp32: 3xTF32, staged
+# element by element, weight-grad steps of 32); the row-Toeplitz GEMM (default beyond) tiles outputs
+# in blocks of up to 64 x 64, skips band tiles and padding rows, and reads H/W-transposed views with
+# vectors down their columns. fp32 has the small-plane GEMM and the direct kernels only (other
+# forced formulations run the direct kernels).
 ALGO_SHAPES = [
     ((70, 5, 16, 16), (13, 13)),     # largest small-plane GEMM plane, three image blocks
     ((3, 6, 17, 15), (13, 13)),      # just over the small-plane GEMM's limit
@@ -228,7 +231,8 @@ ALGO_SHAPES = [
 @gpu
 @pytest.mark.parametrize("algo", ["direct", "gemm", "rows", "small"])
 @pytest.mark.parametrize("shape,k", ALGO_SHAPES, ids=[f"{s}-{k[0]}x{k[1]}" for s, k in ALGO_SHAPES])
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp32", "fp16", "bf16"])
 def test_both_formulations_match_float64(shape, k, dtype, algo, monkeypatch):
     monkeypatch.setenv("LKNETS_DWCONV_ALGO", algo)
     torch.manual_seed(hash((shape, k)) % 1000)
@@ -239,21 +243,23 @@ def test_both_formulations_match_float64(shape, k, dtype, algo, monkeypatch):
 @pytest.mark.parametrize("shape", [(4, 6, 14, 13), (4, 8, 7, 7)])
 @pytest.mark.parametrize("layout", ["channels_last", "noncontig"])
 @pytest.mark.parametrize("algo", ["direct", "gemm", "rows", "small"])
-def test_both_formulations_read_any_layout(shape, layout, algo, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_both_formulations_read_any_layout(shape, layout, algo, dtype, monkeypatch):
     monkeypatch.setenv("LKNETS_DWCONV_ALGO", algo)
-    _check_all_directions(shape, (13, 13), torch.bfloat16, layout)
+    _check_all_directions(shape, (13, 13), dtype, layout)
 
 
 @gpu
 @pytest.mark.parametrize("algo", ["direct", "gemm", "rows", "small"])
 @pytest.mark.parametrize("k", [(13, 13), (13, 5)], ids=["13x13", "13x5"])
-def test_weight_is_read_through_its_strides(k, algo, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_weight_is_read_through_its_strides(k, algo, dtype, monkeypatch):
     # The kernels read the weight in place (the input gradient's rotation and the tall kernels'
     # transposed view are strides), so a strided view of a larger tensor must work as given.
     monkeypatch.setenv("LKNETS_DWCONV_ALGO", algo)
     kh, kw = k
-    x = torch.randn(3, 8, 7, 7, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    w = (torch.randn(8, 1, kh + 2, kw + 4, device="cuda") / 13).to(torch.bfloat16)
+    x = torch.randn(3, 8, 7, 7, device="cuda", dtype=dtype, requires_grad=True)
+    w = (torch.randn(8, 1, kh + 2, kw + 4, device="cuda") / 13).to(dtype)
     w = w[:, :, 1:kh + 1, 3:kw + 3].requires_grad_()
     assert not w.is_contiguous()
     y = kernels.depthwise_conv2d(x, w)
@@ -261,7 +267,7 @@ def test_weight_is_read_through_its_strides(k, algo, monkeypatch):
     grads = torch.autograd.grad(y, [x, w], dy)
     y_ref, g_ref = _reference(x, w, None, (kh // 2, kw // 2), dy)
     errs = [_rel(y, y_ref)] + [_rel(g, r) for g, r in zip(grads, g_ref)]
-    assert max(errs) < TOL[torch.bfloat16], errs
+    assert max(errs) < TOL[dtype], errs
 
 
 @gpu
@@ -290,6 +296,8 @@ def test_tensor_core_explicit_padding(pad, algo, monkeypatch):
     monkeypatch.setenv("LKNETS_DWCONV_ALGO", algo)
     shape = (2, 5, 9, 8) if algo == "small" else (2, 5, 17, 15)  # small: planes of <= 16x16
     _check_all_directions(shape, (7, 7), torch.float16, "nchw", pad=pad, bias=False)
+    if algo == "small":  # the only tensor-core formulation that takes fp32
+        _check_all_directions(shape, (7, 7), torch.float32, "nchw", pad=pad, bias=False)
 
 
 @gpu
@@ -317,8 +325,9 @@ def test_explicit_padding(pad):
 @gpu
 @pytest.mark.parametrize("size,k,dtype", [(28, 29, torch.bfloat16),  # row-Toeplitz GEMM
                                           (14, 27, torch.bfloat16),  # small-plane GEMM
+                                          (14, 27, torch.float32),   # the same in 3xTF32
                                           (28, 29, torch.float32)],  # direct kernel
-                         ids=["rows", "small", "direct"])
+                         ids=["rows", "small", "small-fp32", "direct"])
 def test_weight_grad_is_deterministic(size, k, dtype):
     x = torch.randn(80, 32, size, size, device="cuda", dtype=dtype)
     dy = torch.randn_like(x)
@@ -374,6 +383,23 @@ def test_torch_compile_has_no_graph_break(backend):
 
 
 @gpu
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_eager_path_equals_the_custom_op(bias):
+    # Eager calls skip the custom op's dispatch (kernels/ops.py); both must give the same bits.
+    x = torch.randn(3, 6, 14, 13, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(6, 1, 13, 13, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    b = torch.randn(6, device="cuda", dtype=torch.bfloat16, requires_grad=True) if bias else None
+    inputs = [x, w] + ([b] if bias else [])
+    y = kernels.depthwise_conv2d(x, w, b)
+    assert y.grad_fn.name() == "_EagerDwconv2dBackward"
+    y_op = torch.ops.lknets.dwconv2d(x, w, b, 6, 6)
+    dy = torch.randn_like(y)
+    assert torch.equal(y, y_op)
+    for g, g_op in zip(torch.autograd.grad(y, inputs, dy), torch.autograd.grad(y_op, inputs, dy)):
+        assert torch.equal(g, g_op)
+
+
+@gpu
 def test_cuda_graph_capture_and_replay():
     conv = kernels.DepthwiseConv2dImplicitGEMM(16, 31, bias=True).cuda()
     static_x = torch.randn(4, 16, 28, 28, device="cuda", requires_grad=True)
@@ -397,34 +423,49 @@ def test_cuda_graph_capture_and_replay():
     torch.testing.assert_close(static_y, ref, rtol=1e-4, atol=1e-4)
 
 
+def _model_run(model, x, impl):
+    layers.set_lk_impl(impl)
+    model.to(x.dtype).zero_grad(set_to_none=True)
+    torch.manual_seed(1)
+    out = model(x)
+    out.pow(2).mean().backward()
+    grads = {n: p.grad.detach().double() for n, p in model.named_parameters() if p.grad is not None}
+    return out.detach().double(), grads
+
+
+def _model_errors(run, ref):
+    """Errors of one fp32 run against the float64 run: output, all gradients as one vector, and
+    each large depthwise kernel's gradient at the scale of the whole gradient (parameters whose
+    true gradient is about 0, such as a bias before a BN, hold only rounding noise)."""
+    (y, g), (y_ref, g_ref) = run, ref
+    assert set(g) == set(g_ref)
+    flat_ref = torch.cat([g_ref[n].flatten() for n in sorted(g_ref)])
+    flat = torch.cat([g[n].flatten() for n in sorted(g_ref)])
+    large = [n for n in g_ref if g_ref[n].dim() == 4 and g_ref[n].shape[0] > 1
+             and g_ref[n].shape[1] == 1 and min(g_ref[n].shape[-2:]) > 1
+             and g_ref[n].shape[-1] * g_ref[n].shape[-2] >= 49]
+    assert large, "the model has no large depthwise kernel"
+    scale = flat_ref.norm()
+    return ([_rel(y, y_ref), _rel(flat, flat_ref)]
+            + [((g[n] - g_ref[n]).norm() / scale).item() for n in large])
+
+
 def _model_case(name, size):
+    # Both fp32 paths are compared with the model in float64 (torch path): at batch 2 in training
+    # mode these deep BN networks amplify rounding (RepLKNet-31B: torch's own fp32 gradients are
+    # about 1e-2 off float64 on the H100), so lknets' kernels must be as close as torch's are, not
+    # bitwise equal to them.
     from models import create_model
     torch.manual_seed(0)
     model = create_model(name).cuda().train()
     x = torch.randn(2, 3, size, size, device="cuda")
-    results = {}
-    for impl in ("torch", "cuda"):
-        layers.set_lk_impl(impl)
-        model.zero_grad(set_to_none=True)
-        torch.manual_seed(1)
-        out = model(x)
-        out.float().pow(2).mean().backward()
-        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-        results[impl] = (out.detach(), grads)
+    ref = _model_run(model, x.double(), "torch")
+    torch_errs = _model_errors(_model_run(model, x, "torch"), ref)
+    ours_errs = _model_errors(_model_run(model, x, "cuda"), ref)
     layers.set_lk_impl("auto")
-    (y_t, g_t), (y_c, g_c) = results["torch"], results["cuda"]
-    assert _rel(y_c, y_t.double()) < 1e-4
-    assert set(g_t) == set(g_c)
-    # All gradients as one vector: parameters whose true gradient is 0 (a bias before a BN) hold
-    # only rounding noise, so they are compared at the scale of the whole gradient.
-    flat_t = torch.cat([g_t[n].double().flatten() for n in sorted(g_t)])
-    flat_c = torch.cat([g_c[n].double().flatten() for n in sorted(g_t)])
-    assert _rel(flat_c, flat_t) < 1e-3
-    large = [n for n in g_t if g_t[n].dim() == 4 and g_t[n].shape[0] > 1 and g_t[n].shape[1] == 1
-             and min(g_t[n].shape[-2:]) > 1 and g_t[n].shape[-1] * g_t[n].shape[-2] >= 49]
-    assert large, "the model has no large depthwise kernel"
-    for n in large:
-        assert _rel(g_c[n], g_t[n].double()) < 1e-3, n
+    model.float()
+    for ours, theirs in zip(ours_errs, torch_errs):
+        assert ours <= 2 * theirs + 1e-6, (ours_errs, torch_errs)
 
 
 @gpu

@@ -1,6 +1,7 @@
 // Helpers shared by the kernel files: index arithmetic, conversions, the dynamic shared-memory
-// opt-in, and for the tensor-core kernels ldmatrix / mma.sync m16n8k16 wrappers and cp.async
-// copies (sm_80 and later).
+// opt-in, and for the tensor-core kernels ldmatrix / mma.sync wrappers (m16n8k16 for fp16 / bf16,
+// 3xTF32 m16n8k8 for fp32), 16x16 operand fragments with their loaders, and cp.async copies
+// (sm_80 and later).
 #pragma once
 
 #include "dwconv.h"
@@ -98,6 +99,72 @@ __device__ __forceinline__ void mma(float (&d)[4], const unsigned (&a)[4], unsig
   }
 }
 
+// fp32 on tensor cores ("3xTF32"): v = hi + lo with hi = v rounded to TF32 (11 significant
+// bits) and lo the exact remainder; a * b ~ a_hi b_hi + a_hi b_lo + a_lo b_hi leaves out a_lo b_lo
+// and lo's own TF32 truncation, both about 2^-21 of the product, so the sums keep fp32's
+// 1e-5-level accuracy that a single TF32 product (2^-11) would not.
+__device__ __forceinline__ void split_tf32(float v, unsigned& hi, unsigned& lo) {
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(hi) : "f"(v));
+  lo = __float_as_uint(v - __uint_as_float(hi));
+}
+
+// d += a (16x8, row major) * b (8x8, column major) in TF32, fp32 accumulation.
+__device__ __forceinline__ void mma_tf32(float (&d)[4], const unsigned (&a)[4], const unsigned (&b)[2]) {
+  asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// One lane's share of a 16x16 (M x K) A operand and a 16x16 (K x N) B operand, for
+// mma_tile(). 16-bit: the m16n8k16 registers, two elements each (B's registers 0-1 are output
+// columns 0-7, 2-3 columns 8-15). fp32: per k half kk (8 columns of A, 8 rows of B) the m16n8k8
+// TF32 registers, split into high and low parts; lane (g, t) = (lane / 4, lane % 4) holds A rows
+// g, g + 8 at columns t, t + 4 and B rows t, t + 4 at column g of each 8-column half h.
+template <typename T>
+struct FragA {
+  unsigned r[4];
+};
+template <>
+struct FragA<float> {
+  unsigned hi[2][4], lo[2][4];
+};
+template <typename T>
+struct FragB {
+  unsigned r[4];
+};
+template <>
+struct FragB<float> {
+  unsigned hi[2][2][2], lo[2][2][2];  // [kk][h][register]
+};
+
+// acc[h] (16 x 8, output columns 8h..8h+7) += a * b.
+template <typename T>
+__device__ __forceinline__ void mma_tile(float (&acc)[2][4], const FragA<T>& a, const FragB<T>& b) {
+  if constexpr (std::is_same<T, float>::value) {
+    // The tensor cores truncate what they add to the accumulator; summed into one running
+    // accumulator over a whole plane and batch that bias grew to 5e-6 of a weight gradient (H100,
+    // N64 14x14 13x13) and 6e-3 of RepLKNet-31B's gradients. So each tile's product (small terms
+    // first) goes into a fresh accumulator, added to acc with a rounded fp32 add.
+    float part[2][4] = {};
+#pragma unroll
+    for (int kk = 0; kk < 2; ++kk)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        mma_tf32(part[h], a.lo[kk], b.hi[kk][h]);
+        mma_tf32(part[h], a.hi[kk], b.lo[kk][h]);
+        mma_tf32(part[h], a.hi[kk], b.hi[kk][h]);
+      }
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[h][e] += part[h][e];
+  } else {
+    mma<T>(acc[0], a.r, b.r[0], b.r[1]);
+    mma<T>(acc[1], a.r, b.r[2], b.r[3]);
+  }
+}
+
 // Asynchronous global -> shared copies of 16 or 4 bytes; a copy that is not `valid` writes zeros
 // (and reads nothing).
 __device__ __forceinline__ void cp_async_16(void* dst, const void* src, bool valid) {
@@ -124,6 +191,93 @@ __device__ __forceinline__ int lane_offset(int lane, int ld) {
 // Same for an A operand stored K x M (read with .trans): matrices ordered columns first.
 __device__ __forceinline__ int lane_offset_transposed_a(int lane, int ld) {
   return ((lane / 16) * 8 + lane % 8) * ld + ((lane / 8) % 2) * 8;
+}
+
+// A from an M x K tile stored row major with pitch `ld` elements (fp32: rows 16-byte aligned).
+template <typename T>
+__device__ __forceinline__ void load_a(FragA<T>& a, const T* tile, int ld, int lane) {
+  if constexpr (std::is_same<T, float>::value) {
+    // ldmatrix moves 16-byte rows: on fp32 data its four 8x8 16-bit matrices are the 8 x 4 fp32
+    // blocks of the TF32 A layout (rows 0-7 / 8-15, columns 0-3 / 4-7 of each k half).
+#pragma unroll
+    for (int kk = 0; kk < 2; ++kk) {
+      unsigned v[4];
+      ldsm_x4(v, tile + (lane % 16) * ld + kk * 8 + (lane / 16) * 4);
+#pragma unroll
+      for (int r = 0; r < 4; ++r) split_tf32(__uint_as_float(v[r]), a.hi[kk][r], a.lo[kk][r]);
+    }
+  } else {
+    ldsm_x4(a.r, tile + lane_offset(lane, ld));
+  }
+}
+
+// A from its transpose, a K x M tile stored row major with pitch `ld` (fp32: conflict-free when
+// ld % 32 is 8 or 24).
+template <typename T>
+__device__ __forceinline__ void load_a_trans(FragA<T>& a, const T* tile, int ld, int lane) {
+  if constexpr (std::is_same<T, float>::value) {
+    const int g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int kk = 0; kk < 2; ++kk) {
+      const float* p = tile + (kk * 8 + t) * ld + g;
+      split_tf32(p[0], a.hi[kk][0], a.lo[kk][0]);
+      split_tf32(p[8], a.hi[kk][1], a.lo[kk][1]);
+      split_tf32(p[4 * ld], a.hi[kk][2], a.lo[kk][2]);
+      split_tf32(p[4 * ld + 8], a.hi[kk][3], a.lo[kk][3]);
+    }
+  } else {
+    ldsm_x4_trans(a.r, tile + lane_offset_transposed_a(lane, ld));
+  }
+}
+
+// B from a K x N tile stored row major with pitch `ld` (fp32: as load_a_trans).
+template <typename T>
+__device__ __forceinline__ void load_b(FragB<T>& b, const T* tile, int ld, int lane) {
+  if constexpr (std::is_same<T, float>::value) {
+    const int g = lane / 4, t = lane % 4;
+#pragma unroll
+    for (int kk = 0; kk < 2; ++kk)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float* p = tile + (kk * 8 + t) * ld + h * 8 + g;
+        split_tf32(p[0], b.hi[kk][h][0], b.lo[kk][h][0]);
+        split_tf32(p[4 * ld], b.hi[kk][h][1], b.lo[kk][h][1]);
+      }
+  } else {
+    ldsm_x4_trans(b.r, tile + lane_offset(lane, ld));
+  }
+}
+
+// B with element (k, n) = tap(k, n) (a float), built in registers.
+template <typename T, typename Tap>
+__device__ __forceinline__ void fill_b(FragB<T>& b, int lane, const Tap& tap) {
+  const int g = lane / 4, t = lane % 4;
+  if constexpr (std::is_same<T, float>::value) {
+#pragma unroll
+    for (int kk = 0; kk < 2; ++kk)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+          split_tf32(tap(kk * 8 + t + 4 * r, h * 8 + g), b.hi[kk][h][r], b.lo[kk][h][r]);
+  } else {
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+        b.r[2 * h + r] = pack(from_float<T>(tap(8 * r + 2 * t, 8 * h + g)),
+                              from_float<T>(tap(8 * r + 2 * t + 1, 8 * h + g)));
+  }
+}
+
+// Two neighbouring outputs in one store (dst aligned to two elements).
+template <typename T>
+__device__ __forceinline__ void store_pair(T* dst, float v0, float v1) {
+  if constexpr (std::is_same<T, float>::value) {
+    *reinterpret_cast<float2*>(dst) = make_float2(v0, v1);
+  } else {
+    *reinterpret_cast<unsigned*>(dst) = pack(from_float<T>(v0), from_float<T>(v1));
+  }
 }
 
 }  // namespace lknets

@@ -56,7 +56,6 @@ cudaError_t launch_weight_grad_gemm(DType dtype, const void* x, const void* grad
 // Row-Toeplitz tensor-core formulation for fp16 / bf16 (dwconv_rows.cu): one GEMM per kernel row,
 // for planes too large for the plane GEMM. Its weight gradient reduces per-block partial sums from
 // `workspace` (rows_weight_grad_workspace_floats() floats) in a fixed order.
-bool rows_supported(DType dtype, const ConvShape& shape);
 int64_t rows_weight_grad_workspace_floats(const ConvShape& shape, int num_sms);
 cudaError_t launch_forward_rows(DType dtype, const void* x, const Filter& filter, void* y,
                                 const ConvShape& shape, cudaStream_t stream);
@@ -64,9 +63,9 @@ cudaError_t launch_weight_grad_rows(DType dtype, const void* x, const void* grad
                                     float* workspace, void* grad_weight, const ConvShape& shape,
                                     int num_sms, cudaStream_t stream);
 
-// Small-plane tensor-core formulation for fp16 / bf16 (dwconv_small.cu): planes of at most 16x16,
-// the batch as the GEMM's M; its weight gradient needs no workspace.
-bool small_supported(DType dtype, const ConvShape& shape);
+// Small-plane tensor-core formulation (dwconv_small.cu): planes of at most 16x16, the batch as the
+// GEMM's M, every dtype (fp32 as 3xTF32); its weight gradient needs no workspace.
+bool small_supported(const ConvShape& shape);
 cudaError_t launch_forward_small(DType dtype, const void* x, const Filter& filter, void* y,
                                  const ConvShape& shape, cudaStream_t stream);
 cudaError_t launch_weight_grad_small(DType dtype, const void* x, const void* grad_out,

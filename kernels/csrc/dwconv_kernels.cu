@@ -394,22 +394,23 @@ Algo forced_algo() {
   return Algo::kAuto;
 }
 
-// fp32 always runs the direct kernels (the tensor-core paths take 16-bit operands). For fp16 /
-// bf16, where each measured fastest (H100, benchmarks/RESULTS.md): the plane GEMM for planes of up
-// to 64 pixels, the small-plane GEMM up to 16x16, the row-Toeplitz GEMM beyond. A forced formulation
-// that does not take the shape falls back to the row-Toeplitz GEMM, which takes every 16-bit shape.
+// Where each formulation measured fastest (H100, benchmarks/RESULTS.md): for fp16 / bf16 the plane
+// GEMM for planes of up to 64 pixels, the small-plane GEMM up to 16x16, the row-Toeplitz GEMM
+// beyond; for fp32 the small-plane GEMM (3xTF32) up to 16x16, the direct kernels beyond (the other
+// GEMMs take 16-bit operands only). A forced formulation that does not take the shape falls back to
+// the row-Toeplitz GEMM (16-bit, takes every shape) or the direct kernels (fp32).
 Algo choose(DType dtype, const ConvShape& s, bool plane_gemm_supported) {
-  if (dtype == DType::kFloat32) return Algo::kDirect;
-  const bool small = small_supported(dtype, s);
+  const bool small = small_supported(s);
+  const Algo fallback = dtype == DType::kFloat32 ? Algo::kDirect : Algo::kRows;
   switch (forced_algo()) {
     case Algo::kDirect: return Algo::kDirect;
-    case Algo::kGemm: return plane_gemm_supported ? Algo::kGemm : Algo::kRows;
-    case Algo::kSmall: return small ? Algo::kSmall : Algo::kRows;
-    case Algo::kRows: return Algo::kRows;
+    case Algo::kGemm: return plane_gemm_supported ? Algo::kGemm : fallback;
+    case Algo::kSmall: return small ? Algo::kSmall : fallback;
+    case Algo::kRows: return fallback;
     default: break;
   }
   if (plane_gemm_supported && s.H * s.W <= 8 * 8) return Algo::kGemm;
-  return small ? Algo::kSmall : Algo::kRows;
+  return small ? Algo::kSmall : fallback;
 }
 
 Algo choose_forward(DType dtype, const ConvShape& s) {

@@ -608,10 +608,6 @@ cudaError_t rows_weight_grad_typed(DType dtype, const void* x, const void* dy, f
 
 }  // namespace
 
-bool rows_supported(DType dtype, const ConvShape& s) {
-  return dtype != DType::kFloat32 && s.kh <= 63 && s.kw <= 63;
-}
-
 int64_t rows_weight_grad_workspace_floats(const ConvShape& s, int num_sms) {
   const RowsPlan p = plan_weight_grad(s, num_sms);
   return int64_t(p.image_blocks) * p.col_tiles * p.row_tiles * s.C * s.kh * s.kw;

@@ -1,4 +1,6 @@
-// Small-plane tensor-core formulation for fp16 / bf16 (planes of at most 16 x 16): the batch is M.
+// Small-plane tensor-core formulation (planes of at most 16 x 16): the batch is M. fp16 / bf16 run
+// m16n8k16 MMAs; fp32 runs the same tiles as 3xTF32 m16n8k8 MMAs (common.cuh: split operands,
+// three products), staged in fp32 with 4-byte copies.
 //
 // With at most 16 columns every image row is one 16-wide tile, so kernel row i is one 16x16
 // Toeplitz tile T_i (input columns x output columns, T_i[qx][ox] = K[i][qx - ox + pw]) and
@@ -26,27 +28,41 @@ constexpr int kForwardTiles = kForwardImages / 16;
 // per SM: RepLKNet-31B@384's stage 4 at batch 32, 0.048 -> 0.035 ms on the H100).
 constexpr int kGradImages = 64;
 constexpr int kPlane = 16;           // the largest plane side
-constexpr int kPitch = 24;           // elements per staged 16-wide row: ldmatrix without conflicts
+// Elements per staged 16-wide row: ldmatrix (16-bit; fp32 forward, pitch 20) and the fp32 scalar
+// fragment loads of the weight gradient (pitch 24) without bank conflicts.
+constexpr int kPitch = 24;
+constexpr int kPitchF32Forward = 20;
 constexpr int kTileElems = 16 * kPitch;
+constexpr int kPaddedRow = 32;       // fp32 forward: kernel row taps j = pw - 15 .. pw + 15
 constexpr int kMaxRowsPerWarp = 8;   // weight grad: kernel rows per warp (63 over 8 warps)
 constexpr int kScratchPitch = 20;    // weight grad: a warp's 16x16 fp32 scratch tile
 
-// Rows (y, g) of dst, y < h, g < Images, hold row y of image n0 + g, columns 0..15 (zero at
-// columns >= w and images >= N). With `pairs` (rows contiguous, every row starting on an even
-// element, w even) they are copied two elements at a time with cp.async (complete after
-// cp_async_wait_all); otherwise element by element, loads batched so that several are in flight.
-template <int Images, typename T>
+// Rows (y, g) of dst (pitch Pitch), y < h, g < Images, hold row y of image n0 + g, columns 0..15
+// (zero at columns >= w and images >= N). fp32 elements are copied one by one with cp.async; 16-bit
+// ones two at a time with cp.async when `pairs` (rows contiguous, every row starting on an even
+// element, w even); these complete after cp_async_wait_all. Otherwise element by element, loads
+// batched so that several are in flight.
+template <int Images, int Pitch, typename T>
 __device__ __forceinline__ void stage_planes(T* dst, const T* __restrict__ src,
                                             const int64_t* stride, int c, int n0, int N, int h,
                                             int w, bool pairs) {
   const T* channel = src + c * stride[1];
+  if constexpr (std::is_same<T, float>::value) {
+    for (int e = threadIdx.x; e < h * Images * kPlane; e += kThreads) {
+      const int col = e % kPlane, g = (e / kPlane) % Images, y = e / (kPlane * Images);
+      const bool ok = col < w && n0 + g < N;
+      const T* from = ok ? channel + (n0 + g) * stride[0] + y * stride[2] + col * stride[3] : channel;
+      cp_async_4(dst + (y * Images + g) * Pitch + col, from, ok);
+    }
+    return;
+  }
   if (pairs) {
     constexpr int kChunks = kPlane / 2;
     for (int e = threadIdx.x; e < h * Images * kChunks; e += kThreads) {
       const int col = 2 * (e % kChunks), g = (e / kChunks) % Images, y = e / (kChunks * Images);
       const bool ok = col < w && n0 + g < N;
       const T* from = ok ? channel + (n0 + g) * stride[0] + y * stride[2] + col : channel;
-      cp_async_4(dst + (y * Images + g) * kPitch + col, from, ok);
+      cp_async_4(dst + (y * Images + g) * Pitch + col, from, ok);
     }
     return;
   }
@@ -67,37 +83,50 @@ __device__ __forceinline__ void stage_planes(T* dst, const T* __restrict__ src,
 #pragma unroll
     for (int u = 0; u < kBatch; ++u) {
       const int e = e0 + u * kThreads;
-      if (e < total) out[(e / kPlane) * kPitch + e % kPlane] = v[u];
+      if (e < total) out[(e / kPlane) * Pitch + e % kPlane] = v[u];
     }
   }
 }
 
-// grid (C, ceil(N / 64)), 256 threads; P = ceil(Ho / 8) output rows per warp (fewer registers,
-// more resident blocks, for planes of up to 8 rows).
+// grid (C, ceil(N / 32)), 256 threads; P = ceil(Ho / 8) output rows per warp (fewer registers,
+// more resident blocks, for planes of up to 8 rows). The B operand of kernel row i: 16-bit, the
+// Toeplitz tile T_i built once in shared memory; fp32, built in registers from the kernel row
+// staged zero-padded (a tile only reaches taps pw - 15 .. pw + 15).
 template <typename T, int P>
 __global__ void __launch_bounds__(kThreads) small_forward_kernel(const T* __restrict__ x,
                                                                     const Filter filter,
                                                                     T* __restrict__ y, ConvShape s,
                                                                     bool pair_loads,
                                                                     bool pair_stores) {
+  constexpr bool kF32 = std::is_same<T, float>::value;
+  constexpr int kXPitch = kF32 ? kPitchF32Forward : kPitch;
   extern __shared__ float4 smem4[];
   const int c = blockIdx.x, n0 = blockIdx.y * kForwardImages;
-  T* ts = reinterpret_cast<T*>(smem4);  // kh Toeplitz tiles
-  T* xs = ts + s.kh * kTileElems;       // H * kForwardImages staged rows
-  float* ks = reinterpret_cast<float*>(xs + s.H * kForwardImages * kPitch);
+  T* ts = reinterpret_cast<T*>(smem4);                  // kh Toeplitz tiles (16-bit)
+  T* xs = ts + (kF32 ? 0 : s.kh * kTileElems);          // H * kForwardImages staged rows
+  float* ks = reinterpret_cast<float*>(xs + s.H * kForwardImages * kXPitch);  // kernel taps
 
-  for (int e = threadIdx.x; e < s.kh * s.kw; e += kThreads)
-    ks[e] = filter_tap<T>(filter, c, e / s.kw, e % s.kw);
-  stage_planes<kForwardImages>(xs, x, s.in_stride, c, n0, s.N, s.H, s.W, pair_loads);
-  cp_async_wait_all();
-  __syncthreads();
-  for (int e = threadIdx.x; e < s.kh * 256; e += kThreads) {
-    const int i = e / 256, r = (e / 16) % 16, col = e % 16;
-    const int j = r - col + s.pad_w;
-    ts[i * kTileElems + r * kPitch + col] =
-        from_float<T>(j >= 0 && j < s.kw ? ks[i * s.kw + j] : 0.f);
+  stage_planes<kForwardImages, kXPitch>(xs, x, s.in_stride, c, n0, s.N, s.H, s.W, pair_loads);
+  if constexpr (kF32) {
+    for (int e = threadIdx.x; e < s.kh * kPaddedRow; e += kThreads) {
+      const int i = e / kPaddedRow, j = e % kPaddedRow - 15 + s.pad_w;
+      ks[e] = j >= 0 && j < s.kw ? filter_tap<T>(filter, c, i, j) : 0.f;
+    }
+    cp_async_wait_all();
+    __syncthreads();
+  } else {
+    for (int e = threadIdx.x; e < s.kh * s.kw; e += kThreads)
+      ks[e] = filter_tap<T>(filter, c, e / s.kw, e % s.kw);
+    cp_async_wait_all();
+    __syncthreads();
+    for (int e = threadIdx.x; e < s.kh * 256; e += kThreads) {
+      const int i = e / 256, r = (e / 16) % 16, col = e % 16;
+      const int j = r - col + s.pad_w;
+      ts[i * kTileElems + r * kPitch + col] =
+          from_float<T>(j >= 0 && j < s.kw ? ks[i * s.kw + j] : 0.f);
+    }
+    __syncthreads();
   }
-  __syncthreads();
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int m_tiles = min(kForwardImages, s.N - n0 + 15) / 16;
@@ -114,21 +143,25 @@ __global__ void __launch_bounds__(kThreads) small_forward_kernel(const T* __rest
       any |= reach[p];
     }
     if (!any) continue;
-    unsigned b[P][4];
+    FragB<T> b[P];
 #pragma unroll
-    for (int p = 0; p < P; ++p)
-      if (reach[p]) ldsm_x4_trans(b[p], ts + row[p] * kTileElems + lane_offset(lane, kPitch));
+    for (int p = 0; p < P; ++p) {
+      if (!reach[p]) continue;
+      if constexpr (kF32) {
+        const float* taps = ks + row[p] * kPaddedRow + 15;
+        fill_b(b[p], lane, [taps](int k, int n) { return taps[k - n]; });
+      } else {
+        load_b(b[p], ts + row[p] * kTileElems, kPitch, lane);
+      }
+    }
 #pragma unroll
     for (int m = 0; m < kForwardTiles; ++m) {
       if (m >= m_tiles) continue;
-      unsigned a[4];
-      ldsm_x4(a, xs + (qy * kForwardImages + m * 16) * kPitch + lane_offset(lane, kPitch));
+      FragA<T> a;
+      load_a(a, xs + (qy * kForwardImages + m * 16) * kXPitch, kXPitch, lane);
 #pragma unroll
-      for (int p = 0; p < P; ++p) {
-        if (!reach[p]) continue;
-        mma<T>(acc[m][p][0], a, b[p][0], b[p][1]);
-        mma<T>(acc[m][p][1], a, b[p][2], b[p][3]);
-      }
+      for (int p = 0; p < P; ++p)
+        if (reach[p]) mma_tile(acc[m][p], a, b[p]);
     }
   }
 
@@ -150,13 +183,12 @@ __global__ void __launch_bounds__(kThreads) small_forward_kernel(const T* __rest
           const int ox = h * 8 + 2 * (lane % 4);
           if (n >= s.N || ox >= s.Wo) continue;
           T* dst = out + n * s.out_stride[0] + oy * s.out_stride[2] + ox * s.out_stride[3];
-          const T v0 = from_float<T>(acc[m][p][h][2 * half] + b);
-          const T v1 = from_float<T>(acc[m][p][h][2 * half + 1] + b);
+          const float v0 = acc[m][p][h][2 * half] + b, v1 = acc[m][p][h][2 * half + 1] + b;
           if (pair_stores) {
-            *reinterpret_cast<unsigned*>(dst) = pack(v0, v1);
+            store_pair(dst, v0, v1);
           } else {
-            dst[0] = v0;
-            if (ox + 1 < s.Wo) dst[s.out_stride[3]] = v1;
+            dst[0] = from_float<T>(v0);
+            if (ox + 1 < s.Wo) dst[s.out_stride[3]] = from_float<T>(v1);
           }
         }
       }
@@ -182,25 +214,23 @@ __global__ void __launch_bounds__(kThreads) small_weight_grad_kernel(const T* __
   float acc[R][2][4] = {};
   for (int n0 = 0; n0 < s.N; n0 += Images) {
     __syncthreads();  // the previous images' products are done with xs and ds
-    stage_planes<Images>(xs, x, s.in_stride, c, n0, s.N, s.H, s.W, x_pairs);
-    stage_planes<Images>(ds, dy, s.out_stride, c, n0, s.N, s.Ho, s.Wo, dy_pairs);
+    stage_planes<Images, kPitch>(xs, x, s.in_stride, c, n0, s.N, s.H, s.W, x_pairs);
+    stage_planes<Images, kPitch>(ds, dy, s.out_stride, c, n0, s.N, s.Ho, s.Wo, dy_pairs);
     cp_async_wait_all();
     __syncthreads();
     const int m_tiles = min(Images, s.N - n0 + 15) / 16;
     for (int oy = 0; oy < s.Ho; ++oy) {
       for (int m = 0; m < m_tiles; ++m) {
-        unsigned a[4];
-        ldsm_x4_trans(a, ds + (oy * Images + m * 16) * kPitch +
-                             lane_offset_transposed_a(lane, kPitch));
+        FragA<T> a;
+        load_a_trans(a, ds + (oy * Images + m * 16) * kPitch, kPitch, lane);
 #pragma unroll
         for (int r = 0; r < R; ++r) {
           const int i = warp + kWarps * r;
           const int qy = oy + i - s.pad_h;
           if (i >= s.kh || qy < 0 || qy >= s.H) continue;
-          unsigned b[4];
-          ldsm_x4_trans(b, xs + (qy * Images + m * 16) * kPitch + lane_offset(lane, kPitch));
-          mma<T>(acc[r][0], a, b[0], b[1]);
-          mma<T>(acc[r][1], a, b[2], b[3]);
+          FragB<T> b;
+          load_b(b, xs + (qy * Images + m * 16) * kPitch, kPitch, lane);
+          mma_tile(acc[r], a, b);
         }
       }
     }
@@ -232,43 +262,48 @@ __global__ void __launch_bounds__(kThreads) small_weight_grad_kernel(const T* __
 }
 
 // Whether a plane of width w is read or written two elements at a time: rows contiguous, every
-// (row, even column) pair 4-byte aligned, w even.
+// (row, even column) pair aligned to two elements, w even.
+template <typename T>
 bool pairwise(const void* data, const int64_t* stride, int w) {
   return stride[3] == 1 && stride[2] % 2 == 0 && stride[1] % 2 == 0 && stride[0] % 2 == 0 &&
-         w % 2 == 0 && reinterpret_cast<uintptr_t>(data) % 4 == 0;
+         w % 2 == 0 && reinterpret_cast<uintptr_t>(data) % (2 * sizeof(T)) == 0;
 }
 
+template <typename T>
 int64_t forward_smem(const ConvShape& s) {
+  if (std::is_same<T, float>::value)
+    return 4LL * (s.H * kForwardImages * kPitchF32Forward + s.kh * kPaddedRow);
   return 2LL * (s.kh * kTileElems + s.H * kForwardImages * kPitch) + 4LL * s.kh * s.kw;
 }
 
+template <typename T>
 int64_t weight_grad_smem(const ConvShape& s, int images) {
-  return 2LL * (s.H + s.Ho) * images * kPitch + 4LL * kWarps * 16 * kScratchPitch;
+  return int64_t(sizeof(T)) * (s.H + s.Ho) * images * kPitch + 4LL * kWarps * 16 * kScratchPitch;
 }
 
 template <typename T, int P>
 cudaError_t small_forward_typed(const void* x, const Filter& filter, void* y, const ConvShape& s,
                                 cudaStream_t stream) {
-  const int64_t smem = forward_smem(s);
+  const int64_t smem = forward_smem<T>(s);
   cudaError_t err = allow_smem(small_forward_kernel<T, P>, smem);
   if (err != cudaSuccess) return err;
   // Two outputs per 4-byte store when every (row, even column) pair is 4-byte aligned.
   const dim3 grid(s.C, ceil_div(s.N, kForwardImages));
   small_forward_kernel<T, P><<<grid, kThreads, smem, stream>>>(
       static_cast<const T*>(x), filter, static_cast<T*>(y), s,
-      pairwise(x, s.in_stride, s.W), pairwise(y, s.out_stride, s.Wo));
+      pairwise<T>(x, s.in_stride, s.W), pairwise<T>(y, s.out_stride, s.Wo));
   return cudaGetLastError();
 }
 
 template <typename T, int R, int Images>
 cudaError_t small_weight_grad_typed(const void* x, const void* dy, void* dw, const ConvShape& s,
                                     cudaStream_t stream) {
-  const int64_t smem = weight_grad_smem(s, Images);
+  const int64_t smem = weight_grad_smem<T>(s, Images);
   cudaError_t err = allow_smem(small_weight_grad_kernel<T, R, Images>, smem);
   if (err != cudaSuccess) return err;
   small_weight_grad_kernel<T, R, Images><<<s.C, kThreads, smem, stream>>>(
       static_cast<const T*>(x), static_cast<const T*>(dy), static_cast<T*>(dw), s,
-      pairwise(x, s.in_stride, s.W), pairwise(dy, s.out_stride, s.Wo));
+      pairwise<T>(x, s.in_stride, s.W), pairwise<T>(dy, s.out_stride, s.Wo));
   return cudaGetLastError();
 }
 
@@ -283,8 +318,12 @@ template <typename T, int R>
 cudaError_t small_weight_grad_images(const void* x, const void* dy, void* dw, const ConvShape& s,
                                      cudaStream_t stream) {
   constexpr int kHalf = kGradImages / 2;
-  return s.N <= kHalf ? small_weight_grad_typed<T, R, kHalf>(x, dy, dw, s, stream)
-                      : small_weight_grad_typed<T, R, kGradImages>(x, dy, dw, s, stream);
+  // fp32 always steps 32 images: 64 would stage 172 KB at 14x14.
+  if constexpr (std::is_same<T, float>::value)
+    return small_weight_grad_typed<T, R, kHalf>(x, dy, dw, s, stream);
+  else
+    return s.N <= kHalf ? small_weight_grad_typed<T, R, kHalf>(x, dy, dw, s, stream)
+                        : small_weight_grad_typed<T, R, kGradImages>(x, dy, dw, s, stream);
 }
 
 template <typename T>
@@ -297,14 +336,15 @@ cudaError_t small_weight_grad_rows(const void* x, const void* dy, void* dw, cons
 
 }  // namespace
 
-bool small_supported(DType dtype, const ConvShape& s) {
-  return dtype != DType::kFloat32 && s.H <= kPlane && s.W <= kPlane && s.Ho <= kPlane &&
+bool small_supported(const ConvShape& s) {
+  return s.H <= kPlane && s.W <= kPlane && s.Ho <= kPlane &&
          s.Wo <= kPlane && s.kh <= kMaxRowsPerWarp * kWarps;
 }
 
 cudaError_t launch_forward_small(DType dtype, const void* x, const Filter& filter, void* y,
                                  const ConvShape& shape, cudaStream_t stream) {
   switch (dtype) {
+    case DType::kFloat32: return small_forward_rows<float>(x, filter, y, shape, stream);
     case DType::kFloat16: return small_forward_rows<__half>(x, filter, y, shape, stream);
     case DType::kBFloat16:
       return small_forward_rows<__nv_bfloat16>(x, filter, y, shape, stream);
@@ -316,6 +356,8 @@ cudaError_t launch_weight_grad_small(DType dtype, const void* x, const void* gra
                                      void* grad_weight, const ConvShape& shape,
                                      cudaStream_t stream) {
   switch (dtype) {
+    case DType::kFloat32:
+      return small_weight_grad_rows<float>(x, grad_out, grad_weight, shape, stream);
     case DType::kFloat16:
       return small_weight_grad_rows<__half>(x, grad_out, grad_weight, shape, stream);
     case DType::kBFloat16:
