@@ -80,24 +80,26 @@ def _kernel_wins(x: torch.Tensor, kh: int, kw: int, training: bool) -> bool:
     (benchmarks/RESULTS.md, bf16/fp16/fp32).
 
     Training (forward + both gradients): on NCHW input every kernel of 31 taps and more (torch runs
-    ATen's slow generic depthwise kernels there) and, in fp16/bf16 (input dtype, or the autocast
-    dtype), from 3x3 up (bf16: RepLKNet's 5x5 branches 2.2-4.8x, UniRepLKNet's 3x3 blocks 2.1-2.8x),
-    except square 3x3 and 5x5 in fp16, where torch takes cuDNN's depthwise kernels and wins on some
-    maps; kernels of up to 7x7 on channels_last input stay on cuDNN, which wins there. Inference
-    (forward only): in fp16/bf16 the same kernels; in fp32 torch's forward wins where the map is
-    much smaller than the kernel (RepLKNet stages 3-4: most taps fall in the padding).
+    ATen's slow generic depthwise kernels there) and from 3x3 up in fp16/bf16 (input dtype, or the
+    autocast dtype; bf16: RepLKNet's 5x5 branches 2.2-4.8x, UniRepLKNet's 3x3 blocks 2.1-2.8x) and
+    in fp32 on maps of up to 16x16 (the small-plane GEMM: 5x5 at 14x14 2.5x, 3x3 1.2x), except
+    square 3x3 and 5x5 in fp16, where torch takes cuDNN's depthwise kernels and wins on some maps;
+    kernels of up to 7x7 on channels_last input stay on cuDNN, which wins there. Inference (forward
+    only): the same, except that fp32 on maps over 16x16 (the direct kernel) stays on torch where
+    the map is much smaller than the kernel (most taps fall in the padding).
     """
     autocast = torch.is_autocast_enabled("cuda")
     dtype = torch.get_autocast_dtype("cuda") if autocast else x.dtype
     sixteen_bit = dtype in (torch.float16, torch.bfloat16)
-    if kh * kw < (9 if sixteen_bit else 31):
+    small_plane = x.shape[-2] <= 16 and x.shape[-1] <= 16
+    if kh * kw < (9 if sixteen_bit or small_plane else 31):
         return False
     if dtype == torch.float16 and kh == kw and kh <= 5:
         return False
     if kh * kw <= 49 and x.is_contiguous(memory_format=torch.channels_last):
         return False
     if not training:
-        return sixteen_bit or 2 * x.shape[-2] * x.shape[-1] >= kh * kw
+        return sixteen_bit or small_plane or 2 * x.shape[-2] * x.shape[-1] >= kh * kw
     return True
 
 

@@ -91,24 +91,28 @@ def test_dispatch_uses_torch_on_cpu_and_honours_legacy_env(monkeypatch):
     assert layers.get_lk_impl() == "torch"
 
 
-@pytest.mark.parametrize("dtype,k,layout,training,expected", [
-    (torch.bfloat16, 5, "nchw", True, True),       # RepLKNet's 5x5 branch: ours from 3x3 in 16-bit
-    (torch.float16, 5, "nchw", False, False),      # fp16 square 3x3/5x5: cuDNN's kernels
-    (torch.float16, 3, "nchw", True, False),
-    (torch.float16, 7, "nchw", True, True),
-    (torch.float32, 5, "nchw", True, False),       # fp32 direct kernel: only from 31 taps
-    (torch.bfloat16, 3, "nchw", True, True),       # UniRepLKNet's 3x3 blocks too
-    (torch.bfloat16, 2, "nchw", True, False),
-    (torch.bfloat16, 3, "channels_last", True, False),
-    (torch.bfloat16, 7, "channels_last", True, False),  # cuDNN's channels_last kernels win
-    (torch.bfloat16, 13, "channels_last", True, True),
-    (torch.float32, 27, "nchw", True, True),
-    (torch.float32, 27, "nchw", False, False),     # fp32 inference, 14x14 map: torch's forward
-    (torch.float32, 13, "nchw", False, True),      # 2 * 14 * 14 >= 13 * 13
+@pytest.mark.parametrize("dtype,k,layout,training,size,expected", [
+    (torch.bfloat16, 5, "nchw", True, 14, True),   # RepLKNet's 5x5 branch: ours from 3x3 in 16-bit
+    (torch.float16, 5, "nchw", False, 14, False),  # fp16 square 3x3/5x5: cuDNN's kernels
+    (torch.float16, 3, "nchw", True, 14, False),
+    (torch.float16, 7, "nchw", True, 14, True),
+    (torch.float32, 5, "nchw", True, 14, True),    # fp32 small-plane GEMM from 3x3
+    (torch.float32, 3, "nchw", False, 14, True),
+    (torch.float32, 5, "nchw", True, 28, False),   # fp32 direct kernel: only from 31 taps
+    (torch.bfloat16, 3, "nchw", True, 14, True),   # UniRepLKNet's 3x3 blocks too
+    (torch.bfloat16, 2, "nchw", True, 14, False),
+    (torch.float32, 2, "nchw", True, 14, False),
+    (torch.bfloat16, 3, "channels_last", True, 14, False),
+    (torch.bfloat16, 7, "channels_last", True, 14, False),  # cuDNN's channels_last kernels win
+    (torch.bfloat16, 13, "channels_last", True, 14, True),
+    (torch.float32, 27, "nchw", True, 17, True),
+    (torch.float32, 27, "nchw", False, 17, False),  # fp32 inference, direct kernel: torch's forward
+    (torch.float32, 27, "nchw", False, 14, True),   # ... but the small-plane GEMM wins
+    (torch.float32, 13, "nchw", False, 17, True),   # 2 * 17 * 17 >= 13 * 13
 ])
-def test_auto_dispatch_rule(dtype, k, layout, training, expected):
+def test_auto_dispatch_rule(dtype, k, layout, training, size, expected):
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    x = torch.empty(2, 8, 14, 14, dtype=dtype).contiguous(memory_format=fmt)
+    x = torch.empty(2, 8, size, size, dtype=dtype).contiguous(memory_format=fmt)
     assert layers._kernel_wins(x, k, k, training) is expected
 
 
