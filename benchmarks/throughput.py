@@ -2,12 +2,15 @@
 
     python benchmarks/throughput.py [--model RepLKNet-31B,unireplknet_t,SLaK_tiny]
         [--lk_impl torch,auto[,bound]] [--amp_dtype bf16] [--batch_size 64] [--input_size 224]
+        [--profile]
 
 A training step is forward, cross-entropy, backward and an AdamW step under torch.autocast;
 inference is the forward under autocast and no_grad, model in eval mode. Synthetic inputs; each
 number is the median over timed steps after warm-up. `bound` is no implementation: every
 stride-1 depthwise conv (the large kernels and the re-param branches, dilated or not) is skipped,
-so its rate bounds what any depthwise-conv kernel could give the model.
+so its rate bounds what any depthwise-conv kernel could give the model. --profile adds the
+GPU time (sum of kernel times, torch.profiler) and the GPU op count of one training step: a step
+that takes much longer than its GPU time is bound by the host launching its kernels.
 """
 from __future__ import annotations
 
@@ -68,10 +71,21 @@ def median_step_s(step, warmup: int, steps: int) -> float:
     return statistics.median(times)
 
 
-def measure(name: str, impl: str, amp_dtype, batch: int, size: int, warmup: int, steps: int):
+def gpu_time_ms(step) -> tuple:
+    """(GPU kernel time in ms, number of GPU ops) of one call of ``step``."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    return sum(e.self_device_time_total for e in events) / 1e3, sum(e.count for e in events)
+
+
+def measure(name: str, impl: str, amp_dtype, batch: int, size: int, warmup: int, steps: int,
+            profile: bool = False):
     if impl == "bound":
         with depthwise_convs_skipped():
-            return measure(name, "torch", amp_dtype, batch, size, warmup, steps)
+            return measure(name, "torch", amp_dtype, batch, size, warmup, steps, profile)
     set_lk_impl(impl)
     torch.manual_seed(0)
     model = create_model(name, **PAPER_KWARGS.get(name, {})).cuda()
@@ -95,11 +109,12 @@ def measure(name: str, impl: str, amp_dtype, batch: int, size: int, warmup: int,
 
     model.train()
     train = batch / median_step_s(train_step, warmup, steps)
+    gpu = gpu_time_ms(train_step) if profile else None
     model.eval()
     infer = batch / median_step_s(infer_step, warmup, steps)
     del model, optimizer
     torch.cuda.empty_cache()
-    return train, infer
+    return train, infer, gpu
 
 
 def main() -> None:
@@ -111,20 +126,27 @@ def main() -> None:
     parser.add_argument("--input_size", type=int, default=224)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--profile", action="store_true",
+                        help="also report GPU time and GPU ops of one training step")
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = True
     print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | CUDA {torch.version.cuda} | "
           f"cuDNN {torch.backends.cudnn.version()} | batch {args.batch_size} | {args.input_size}px | "
           f"amp {args.amp_dtype}")
-    print("| model | lk_impl | train img/s | inference img/s |\n|---|---|---|---|")
+    extra = " train step ms | GPU ms / GPU ops of one step |" if args.profile else ""
+    print(f"| model | lk_impl | train img/s | inference img/s |{extra}\n|---|---|---|---|"
+          + ("---|---|" if args.profile else ""))
     for name in args.model.split(","):
         base = None
         for impl in args.lk_impl.split(","):
-            train, infer = measure(name, impl, AMP[args.amp_dtype], args.batch_size,
-                                   args.input_size, args.warmup, args.steps)
+            train, infer, gpu = measure(name, impl, AMP[args.amp_dtype], args.batch_size,
+                                        args.input_size, args.warmup, args.steps, args.profile)
             base = base or (train, infer)
-            print(f"| {name} | {impl} | {train:.1f} ({train / base[0]:.2f}x) | "
-                  f"{infer:.1f} ({infer / base[1]:.2f}x) |", flush=True)
+            row = (f"| {name} | {impl} | {train:.1f} ({train / base[0]:.2f}x) | "
+                   f"{infer:.1f} ({infer / base[1]:.2f}x) |")
+            if gpu is not None:
+                row += f" {1e3 * args.batch_size / train:.1f} | {gpu[0]:.1f} / {gpu[1]} |"
+            print(row, flush=True)
     set_lk_impl("auto")
 
 
