@@ -112,13 +112,13 @@ __global__ void __launch_bounds__(kThreads) small_forward_kernel(const T* __rest
       const int i = e / kPaddedRow, j = e % kPaddedRow - 15 + s.pad_w;
       ks[e] = j >= 0 && j < s.kw ? filter_tap<T>(filter, c, i, j) : 0.f;
     }
-    cp_async_wait_all();
-    __syncthreads();
   } else {
     for (int e = threadIdx.x; e < s.kh * s.kw; e += kThreads)
       ks[e] = filter_tap<T>(filter, c, e / s.kw, e % s.kw);
-    cp_async_wait_all();
-    __syncthreads();
+  }
+  cp_async_wait_all();
+  __syncthreads();
+  if constexpr (!kF32) {
     for (int e = threadIdx.x; e < s.kh * 256; e += kThreads) {
       const int i = e / 256, r = (e / 16) % 16, col = e % 16;
       const int j = r - col + s.pad_w;
@@ -271,7 +271,7 @@ bool pairwise(const void* data, const int64_t* stride, int w) {
 
 template <typename T>
 int64_t forward_smem(const ConvShape& s) {
-  if (std::is_same<T, float>::value)
+  if constexpr (std::is_same<T, float>::value)
     return 4LL * (s.H * kForwardImages * kPitchF32Forward + s.kh * kPaddedRow);
   return 2LL * (s.kh * kTileElems + s.H * kForwardImages * kPitch) + 4LL * s.kh * s.kw;
 }
@@ -287,7 +287,7 @@ cudaError_t small_forward_typed(const void* x, const Filter& filter, void* y, co
   const int64_t smem = forward_smem<T>(s);
   cudaError_t err = allow_smem(small_forward_kernel<T, P>, smem);
   if (err != cudaSuccess) return err;
-  // Two outputs per 4-byte store when every (row, even column) pair is 4-byte aligned.
+  // Two outputs per store when every (row, even column) pair is aligned to two elements.
   const dim3 grid(s.C, ceil_div(s.N, kForwardImages));
   small_forward_kernel<T, P><<<grid, kThreads, smem, stream>>>(
       static_cast<const T*>(x), filter, static_cast<T*>(y), s,
