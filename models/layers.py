@@ -75,32 +75,23 @@ def get_lk_impl() -> str:
     return _lk_impl
 
 
-def _kernel_wins(x: torch.Tensor, kh: int, kw: int, training: bool) -> bool:
-    """Where lknets' kernel measured faster than torch's path for the same input
-    (benchmarks/RESULTS.md, bf16/fp16/fp32).
+def _kernel_wins(x: torch.Tensor, kh: int, kw: int) -> bool:
+    """Where lknets' kernel measured faster than torch's path for the same input, training (forward
+    and both gradients) and inference alike (benchmarks/RESULTS.md, bf16/fp16/fp32).
 
-    Training (forward + both gradients): on NCHW input every kernel of 31 taps and more (torch runs
-    ATen's slow generic depthwise kernels there) and from 3x3 up in fp16/bf16 (input dtype, or the
-    autocast dtype; bf16: RepLKNet's 5x5 branches 2.2-4.8x, UniRepLKNet's 3x3 blocks 2.1-2.8x) and
-    in fp32 on maps of up to 16x16 (the small-plane GEMM: 5x5 at 14x14 2.5x, 3x3 1.2x), except
-    square 3x3 and 5x5 in fp16, where torch takes cuDNN's depthwise kernels and wins on some maps;
-    kernels of up to 7x7 on channels_last input stay on cuDNN, which wins there. Inference (forward
-    only): the same, except that fp32 on maps over 16x16 (the direct kernel) stays on torch where
-    the map is much smaller than the kernel (most taps fall in the padding).
+    Every kernel from 3x3 up (input dtype, or the autocast dtype; bf16: RepLKNet's 5x5 branches
+    2.2-4.8x, UniRepLKNet's 3x3 blocks 2.1-2.8x; fp32 on the tensor cores as 3xTF32: 5x5 at 56x56
+    1.5x, 3x3 1.3x), except square 3x3 and 5x5 in fp16, where torch takes cuDNN's depthwise kernels
+    and wins on some maps; kernels of up to 7x7 on channels_last input stay on cuDNN, which wins
+    there.
     """
     autocast = torch.is_autocast_enabled("cuda")
     dtype = torch.get_autocast_dtype("cuda") if autocast else x.dtype
-    sixteen_bit = dtype in (torch.float16, torch.bfloat16)
-    small_plane = x.shape[-2] <= 16 and x.shape[-1] <= 16
-    if kh * kw < (9 if sixteen_bit or small_plane else 31):
+    if kh * kw < 9:
         return False
     if dtype == torch.float16 and kh == kw and kh <= 5:
         return False
-    if kh * kw <= 49 and x.is_contiguous(memory_format=torch.channels_last):
-        return False
-    if not training:
-        return sixteen_bit or small_plane or 2 * x.shape[-2] * x.shape[-1] >= kh * kw
-    return True
+    return not (kh * kw <= 49 and x.is_contiguous(memory_format=torch.channels_last))
 
 
 @torch.compiler.assume_constant_result
@@ -130,8 +121,7 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     kh, kw = weight.shape[-2:]
     pad = (kh // 2, kw // 2) if padding is None else to_2tuple(padding)
     impl = get_lk_impl()
-    training = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    if x.is_cuda and impl != "torch" and (impl == "cuda" or _kernel_wins(x, kh, kw, training)):
+    if x.is_cuda and impl != "torch" and (impl == "cuda" or _kernel_wins(x, kh, kw)):
         if _kernels_ready(impl == "cuda"):
             return _kernel_fn(x, weight, bias, pad)
     return F.conv2d(x, weight, bias, 1, pad, 1, weight.shape[0])

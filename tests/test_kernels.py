@@ -91,29 +91,26 @@ def test_dispatch_uses_torch_on_cpu_and_honours_legacy_env(monkeypatch):
     assert layers.get_lk_impl() == "torch"
 
 
-@pytest.mark.parametrize("dtype,k,layout,training,size,expected", [
-    (torch.bfloat16, 5, "nchw", True, 14, True),   # RepLKNet's 5x5 branch: ours from 3x3 in 16-bit
-    (torch.float16, 5, "nchw", False, 14, False),  # fp16 square 3x3/5x5: cuDNN's kernels
-    (torch.float16, 3, "nchw", True, 14, False),
-    (torch.float16, 7, "nchw", True, 14, True),
-    (torch.float32, 5, "nchw", True, 14, True),    # fp32 small-plane GEMM from 3x3
-    (torch.float32, 3, "nchw", False, 14, True),
-    (torch.float32, 5, "nchw", True, 28, False),   # fp32 direct kernel: only from 31 taps
-    (torch.bfloat16, 3, "nchw", True, 14, True),   # UniRepLKNet's 3x3 blocks too
-    (torch.bfloat16, 2, "nchw", True, 14, False),
-    (torch.float32, 2, "nchw", True, 14, False),
-    (torch.bfloat16, 3, "channels_last", True, 14, False),
-    (torch.bfloat16, 7, "channels_last", True, 14, False),  # cuDNN's channels_last kernels win
-    (torch.bfloat16, 13, "channels_last", True, 14, True),
-    (torch.float32, 27, "nchw", True, 17, True),
-    (torch.float32, 27, "nchw", False, 17, False),  # fp32 inference, direct kernel: torch's forward
-    (torch.float32, 27, "nchw", False, 14, True),   # ... but the small-plane GEMM wins
-    (torch.float32, 13, "nchw", False, 17, True),   # 2 * 17 * 17 >= 13 * 13
+@pytest.mark.parametrize("dtype,k,layout,size,expected", [
+    (torch.bfloat16, 5, "nchw", 14, True),   # RepLKNet's 5x5 branch: ours from 3x3
+    (torch.float16, 5, "nchw", 14, False),   # fp16 square 3x3/5x5: cuDNN's kernels
+    (torch.float16, 3, "nchw", 56, False),
+    (torch.float16, 7, "nchw", 14, True),
+    (torch.float32, 5, "nchw", 14, True),    # fp32 (3xTF32) from 3x3, any map
+    (torch.float32, 3, "nchw", 56, True),
+    (torch.float32, 27, "nchw", 17, True),
+    (torch.bfloat16, 3, "nchw", 14, True),   # UniRepLKNet's 3x3 blocks too
+    (torch.bfloat16, 2, "nchw", 14, False),
+    (torch.float32, 2, "nchw", 14, False),
+    (torch.bfloat16, 3, "channels_last", 14, False),
+    (torch.bfloat16, 7, "channels_last", 14, False),  # cuDNN's channels_last kernels win
+    (torch.float32, 7, "channels_last", 56, False),
+    (torch.bfloat16, 13, "channels_last", 14, True),
 ])
-def test_auto_dispatch_rule(dtype, k, layout, training, size, expected):
+def test_auto_dispatch_rule(dtype, k, layout, size, expected):
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     x = torch.empty(2, 8, size, size, dtype=dtype).contiguous(memory_format=fmt)
-    assert layers._kernel_wins(x, k, k, training) is expected
+    assert layers._kernel_wins(x, k, k) is expected
 
 
 def test_importing_kernels_compiles_nothing():
@@ -210,8 +207,8 @@ def test_all_directions_match_float64(shape, k, dtype):
 # to 16x16 in forward blocks of 32 images and weight-grad steps of 32 or 64 (fp32: 3xTF32, staged
 # element by element, weight-grad steps of 32); the row-Toeplitz GEMM (default beyond) tiles outputs
 # in blocks of up to 64 x 64, skips band tiles and padding rows, and reads H/W-transposed views with
-# vectors down their columns. fp32 has the small-plane GEMM and the direct kernels only (other
-# forced formulations run the direct kernels).
+# vectors down their columns (fp32 everywhere as 3xTF32, except the plane GEMM: forced, fp32 runs
+# the row-Toeplitz GEMM).
 ALGO_SHAPES = [
     ((70, 5, 16, 16), (13, 13)),     # largest small-plane GEMM plane, three image blocks
     ((3, 6, 17, 15), (13, 13)),      # just over the small-plane GEMM's limit
@@ -300,8 +297,8 @@ def test_tensor_core_explicit_padding(pad, algo, monkeypatch):
     monkeypatch.setenv("LKNETS_DWCONV_ALGO", algo)
     shape = (2, 5, 9, 8) if algo == "small" else (2, 5, 17, 15)  # small: planes of <= 16x16
     _check_all_directions(shape, (7, 7), torch.float16, "nchw", pad=pad, bias=False)
-    if algo == "small":  # the only tensor-core formulation that takes fp32
-        _check_all_directions(shape, (7, 7), torch.float32, "nchw", pad=pad, bias=False)
+    # fp32: 3xTF32 on the small-plane and row-Toeplitz GEMMs (forced gemm: the row-Toeplitz GEMM)
+    _check_all_directions(shape, (7, 7), torch.float32, "nchw", pad=pad, bias=False)
 
 
 @gpu
@@ -322,17 +319,20 @@ def test_layouts_match_float64(layout, k, dtype):
 
 @gpu
 @pytest.mark.parametrize("pad", [(0, 0), (2, 7), (9, 9)])
-def test_explicit_padding(pad):
+def test_explicit_padding(pad, monkeypatch):
+    monkeypatch.setenv("LKNETS_DWCONV_ALGO", "direct")
     _check_all_directions((2, 5, 17, 15), (7, 7), torch.float32, "nchw", pad=pad, bias=False)
 
 
 @gpu
-@pytest.mark.parametrize("size,k,dtype", [(28, 29, torch.bfloat16),  # row-Toeplitz GEMM
-                                          (14, 27, torch.bfloat16),  # small-plane GEMM
-                                          (14, 27, torch.float32),   # the same in 3xTF32
-                                          (28, 29, torch.float32)],  # direct kernel
-                         ids=["rows", "small", "small-fp32", "direct"])
-def test_weight_grad_is_deterministic(size, k, dtype):
+@pytest.mark.parametrize("size,k,dtype,algo", [(28, 29, torch.bfloat16, "auto"),  # row-Toeplitz GEMM
+                                               (14, 27, torch.bfloat16, "auto"),  # small-plane GEMM
+                                               (14, 27, torch.float32, "auto"),   # 3xTF32 small
+                                               (28, 29, torch.float32, "auto"),   # 3xTF32 rows
+                                               (28, 29, torch.float32, "direct")],
+                         ids=["rows", "small", "small-fp32", "rows-fp32", "direct"])
+def test_weight_grad_is_deterministic(size, k, dtype, algo, monkeypatch):
+    monkeypatch.setenv("LKNETS_DWCONV_ALGO", algo)
     x = torch.randn(80, 32, size, size, device="cuda", dtype=dtype)
     dy = torch.randn_like(x)
     first = torch.ops.lknets.dwconv2d_weight_grad(x, dy, k, k, k // 2, k // 2)

@@ -104,7 +104,9 @@ __device__ __forceinline__ void mma(float (&d)[4], const unsigned (&a)[4], unsig
 // and lo's own TF32 truncation, both about 2^-21 of the product, so the sums keep fp32's
 // 1e-5-level accuracy that a single TF32 product (2^-11) would not.
 __device__ __forceinline__ void split_tf32(float v, unsigned& hi, unsigned& lo) {
-  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(hi) : "f"(v));
+  // Round to nearest, ties away from zero (cvt.rna.tf32.f32) in two integer operations: add half
+  // of the last kept bit to the magnitude, clear the 13 bits TF32 drops.
+  hi = (__float_as_uint(v) + 0x1000u) & 0xffffe000u;
   lo = __float_as_uint(v - __uint_as_float(hi));
 }
 
@@ -114,6 +116,15 @@ __device__ __forceinline__ void mma_tf32(float (&d)[4], const unsigned (&a)[4], 
       "{%0,%1,%2,%3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// d = a * b (a fresh accumulator: no zeroing moves).
+__device__ __forceinline__ void mma_tf32_first(float (&d)[4], const unsigned (&a)[4],
+                                               const unsigned (&b)[2]) {
+  asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%10,%10,%10,%10};\n"
+      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(0.f));
 }
 
 // One lane's share of a 16x16 (M x K) A operand and a 16x16 (K x N) B operand, for
@@ -146,12 +157,16 @@ __device__ __forceinline__ void mma_tile(float (&acc)[2][4], const FragA<T>& a, 
     // accumulator over a whole plane and batch that bias grew to 5e-6 of a weight gradient (H100,
     // N64 14x14 13x13) and 6e-3 of RepLKNet-31B's gradients. So each tile's product (small terms
     // first) goes into a fresh accumulator, added to acc with a rounded fp32 add.
-    float part[2][4] = {};
+    float part[2][4];
 #pragma unroll
     for (int kk = 0; kk < 2; ++kk)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        mma_tf32(part[h], a.lo[kk], b.hi[kk][h]);
+        if (kk == 0) {
+          mma_tf32_first(part[h], a.lo[kk], b.hi[kk][h]);
+        } else {
+          mma_tf32(part[h], a.lo[kk], b.hi[kk][h]);
+        }
         mma_tf32(part[h], a.hi[kk], b.lo[kk][h]);
         mma_tf32(part[h], a.hi[kk], b.hi[kk][h]);
       }
@@ -267,6 +282,30 @@ __device__ __forceinline__ void fill_b(FragB<T>& b, int lane, const Tap& tap) {
       for (int r = 0; r < 2; ++r)
         b.r[2 * h + r] = pack(from_float<T>(tap(8 * r + 2 * t, 8 * h + g)),
                               from_float<T>(tap(8 * r + 2 * t + 1, 8 * h + g)));
+  }
+}
+
+// An fp32 B fragment kept split in shared memory ("fragment order"): a 16x16 tile is 32 x 4
+// uint4s, lane l's hi[0], hi[1], lo[0], lo[1] at uint4 q * 32 + l, so a warp loads its fragment
+// with four conflict-free 16-byte loads and no conversion.
+constexpr int kSplitTileFloats = 32 * 16;
+
+__device__ __forceinline__ void store_split_b(float* tile, const FragB<float>& b, int lane) {
+  uint4* d = reinterpret_cast<uint4*>(tile) + lane;
+#pragma unroll
+  for (int kk = 0; kk < 2; ++kk) {
+    d[32 * kk] = make_uint4(b.hi[kk][0][0], b.hi[kk][0][1], b.hi[kk][1][0], b.hi[kk][1][1]);
+    d[32 * (kk + 2)] = make_uint4(b.lo[kk][0][0], b.lo[kk][0][1], b.lo[kk][1][0], b.lo[kk][1][1]);
+  }
+}
+
+__device__ __forceinline__ void load_split_b(FragB<float>& b, const float* tile, int lane) {
+  const uint4* src = reinterpret_cast<const uint4*>(tile) + lane;
+#pragma unroll
+  for (int kk = 0; kk < 2; ++kk) {
+    const uint4 hi = src[32 * kk], lo = src[32 * (kk + 2)];
+    b.hi[kk][0][0] = hi.x, b.hi[kk][0][1] = hi.y, b.hi[kk][1][0] = hi.z, b.hi[kk][1][1] = hi.w;
+    b.lo[kk][0][0] = lo.x, b.lo[kk][0][1] = lo.y, b.lo[kk][1][0] = lo.z, b.lo[kk][1][1] = lo.w;
   }
 }
 

@@ -53,10 +53,10 @@ cudaError_t launch_forward_gemm(DType dtype, const void* x, const Filter& filter
 cudaError_t launch_weight_grad_gemm(DType dtype, const void* x, const void* grad_out,
                                     void* grad_weight, const ConvShape& shape, cudaStream_t stream);
 
-// Row-Toeplitz tensor-core formulation for fp16 / bf16 (dwconv_rows.cu): one GEMM per kernel row,
-// for planes too large for the plane GEMM. Its weight gradient reduces per-block partial sums from
-// `workspace` (rows_weight_grad_workspace_floats() floats) in a fixed order.
-int64_t rows_weight_grad_workspace_floats(const ConvShape& shape, int num_sms);
+// Row-Toeplitz tensor-core formulation (dwconv_rows.cu): one GEMM per kernel row, for planes too
+// large for the plane GEMM, every dtype (fp32 as 3xTF32). Its weight gradient reduces per-block
+// partial sums from `workspace` (rows_weight_grad_workspace_floats() floats) in a fixed order.
+int64_t rows_weight_grad_workspace_floats(DType dtype, const ConvShape& shape, int num_sms);
 cudaError_t launch_forward_rows(DType dtype, const void* x, const Filter& filter, void* y,
                                 const ConvShape& shape, cudaStream_t stream);
 cudaError_t launch_weight_grad_rows(DType dtype, const void* x, const void* grad_out,

@@ -394,31 +394,29 @@ Algo forced_algo() {
   return Algo::kAuto;
 }
 
-// Where each formulation measured fastest (H100, benchmarks/RESULTS.md): for fp16 / bf16 the plane
-// GEMM for planes of up to 64 pixels, the small-plane GEMM up to 16x16, the row-Toeplitz GEMM
-// beyond; for fp32 the small-plane GEMM (3xTF32) up to 16x16, the direct kernels beyond (the other
-// GEMMs take 16-bit operands only). A forced formulation that does not take the shape falls back to
-// the row-Toeplitz GEMM (16-bit, takes every shape) or the direct kernels (fp32).
-Algo choose(DType dtype, const ConvShape& s, bool plane_gemm_supported) {
+// Where each formulation measured fastest (H100, benchmarks/RESULTS.md): the plane GEMM (16-bit
+// only) for planes of up to 64 pixels, the small-plane GEMM up to 16x16, the row-Toeplitz GEMM
+// beyond (fp32 on both as 3xTF32). The direct kernels only run when forced. A forced formulation
+// that does not take the shape falls back to the row-Toeplitz GEMM, which takes every shape.
+Algo choose(const ConvShape& s, bool plane_gemm_supported) {
   const bool small = small_supported(s);
-  const Algo fallback = dtype == DType::kFloat32 ? Algo::kDirect : Algo::kRows;
   switch (forced_algo()) {
     case Algo::kDirect: return Algo::kDirect;
-    case Algo::kGemm: return plane_gemm_supported ? Algo::kGemm : fallback;
-    case Algo::kSmall: return small ? Algo::kSmall : fallback;
-    case Algo::kRows: return fallback;
+    case Algo::kGemm: return plane_gemm_supported ? Algo::kGemm : Algo::kRows;
+    case Algo::kSmall: return small ? Algo::kSmall : Algo::kRows;
+    case Algo::kRows: return Algo::kRows;
     default: break;
   }
   if (plane_gemm_supported && s.H * s.W <= 8 * 8) return Algo::kGemm;
-  return small ? Algo::kSmall : fallback;
+  return small ? Algo::kSmall : Algo::kRows;
 }
 
 Algo choose_forward(DType dtype, const ConvShape& s) {
-  return choose(dtype, s, gemm_forward_supported(dtype, s));
+  return choose(s, gemm_forward_supported(dtype, s));
 }
 
 Algo choose_weight_grad(DType dtype, const ConvShape& s) {
-  return choose(dtype, s, gemm_weight_grad_supported(dtype, s));
+  return choose(s, gemm_weight_grad_supported(dtype, s));
 }
 
 }  // namespace
@@ -443,7 +441,7 @@ int64_t weight_grad_workspace_floats(DType dtype, const ConvShape& shape) {
   switch (choose_weight_grad(dtype, shape)) {
     case Algo::kGemm: return 0;
     case Algo::kSmall: return 0;
-    case Algo::kRows: return rows_weight_grad_workspace_floats(shape, device_sms());
+    case Algo::kRows: return rows_weight_grad_workspace_floats(dtype, shape, device_sms());
     default: break;
   }
   const WeightGradParams p = plan_weight_grad(shape, device_sms());
