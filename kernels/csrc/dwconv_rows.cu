@@ -32,7 +32,7 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxCols = 64;        // output columns per block: at most 4 N tiles
 constexpr int kMaxRows = 64;        // output rows per block and image
-constexpr int kTilePitch = 24;      // 16-bit Toeplitz tiles: rows of 24 elements (no bank conflicts)
+constexpr int kTilePitch = 24;      // 16-bit Toeplitz tiles: rows of 24 (no bank conflicts)
 constexpr int kKernelPad = 32;      // zeros each side of a staged kernel row
 // Forward: output row tiles per warp; weight grad: kernel rows per warp and pass. Two share
 // each B (A) fragment in 16-bit; fp32 takes one (fewer registers: two blocks per SM; H100,
@@ -475,27 +475,43 @@ __global__ void __launch_bounds__(kThreads, 2) rows_weight_grad_kernel(const T* 
         float acc[4][R][2][4] = {};
         for (int g = 0; g < images_here; ++g) {
           for (int rt = 0; rt < row_steps && oy0 + rt * 16 < s.Ho; ++rt) {
-            FragB<T> b[R];
+            const T* dy_rows = ds + (g * p.rows + rt * 16) * ldd;
+            const T* x_rows = xs + (g * p.x_pitch + x_shift + rt * 16) * ldx + kt * 16;
             bool row_ok[R];
-            bool any_ok = false;
 #pragma unroll
-            for (int r = 0; r < R; ++r) {
-              const int i = row0 + r;
-              row_ok[r] = i < s.kh && !rows_in_padding(oy0 + rt * 16 + i - s.pad_h, s.H);
-              any_ok |= row_ok[r];
-              if (row_ok[r])
-                load_b(b[r], xs + (g * p.x_pitch + x_shift + rt * 16 + i) * ldx + kt * 16, ldx,
-                       lane);
-            }
-            if (!any_ok) continue;
+            for (int r = 0; r < R; ++r)
+              row_ok[r] = row0 + r < s.kh &&
+                          !rows_in_padding(oy0 + rt * 16 + row0 + r - s.pad_h, s.H);
+            if constexpr (sizeof(T) == 2) {
+              // 16-bit holds the dy fragments of every column tile while it walks its rows.
+              FragA<T> a[4];
 #pragma unroll
-            for (int mt = 0; mt < 4; ++mt) {
-              if (!band[mt]) continue;
-              FragA<T> a;
-              load_a_trans(a, ds + (g * p.rows + rt * 16) * ldd + mt * 16, ldd, lane);
+              for (int mt = 0; mt < 4; ++mt)
+                if (band[mt]) load_a_trans(a[mt], dy_rows + mt * 16, ldd, lane);
+#pragma unroll
+              for (int r = 0; r < R; ++r) {
+                if (!row_ok[r]) continue;
+                FragB<T> b;
+                load_b(b, x_rows + (row0 + r) * ldx, ldx, lane);
+#pragma unroll
+                for (int mt = 0; mt < 4; ++mt)
+                  if (band[mt]) mma_tile(acc[mt][r], a[mt], b);
+              }
+            } else {
+              // fp32's split fragments would not all fit in registers: one column tile's at a time.
+              FragB<T> b[R];
 #pragma unroll
               for (int r = 0; r < R; ++r)
-                if (row_ok[r]) mma_tile(acc[mt][r], a, b[r]);
+                if (row_ok[r]) load_b(b[r], x_rows + (row0 + r) * ldx, ldx, lane);
+#pragma unroll
+              for (int mt = 0; mt < 4; ++mt) {
+                if (!band[mt]) continue;
+                FragA<T> a;
+                load_a_trans(a, dy_rows + mt * 16, ldd, lane);
+#pragma unroll
+                for (int r = 0; r < R; ++r)
+                  if (row_ok[r]) mma_tile(acc[mt][r], a, b[r]);
+              }
             }
           }
         }
