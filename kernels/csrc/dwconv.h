@@ -44,8 +44,8 @@ int64_t weight_grad_workspace_floats(DType dtype, const ConvShape& shape);
 cudaError_t launch_weight_grad(DType dtype, const void* x, const void* grad_out, float* workspace,
                                void* grad_weight, const ConvShape& shape, cudaStream_t stream);
 
-// Tensor-core (GEMM) formulation for fp16 / bf16 (dwconv_gemm.cu); launch_forward and
-// launch_weight_grad choose between it and the direct kernels by shape.
+// Plane GEMM, tensor cores, fp16 / bf16 (dwconv_gemm.cu). launch_forward and launch_weight_grad
+// choose among it and the two GEMMs below by shape (the direct kernels only when forced).
 bool gemm_forward_supported(DType dtype, const ConvShape& shape);
 bool gemm_weight_grad_supported(DType dtype, const ConvShape& shape);
 cudaError_t launch_forward_gemm(DType dtype, const void* x, const Filter& filter, void* y,
