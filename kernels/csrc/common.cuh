@@ -156,24 +156,22 @@ __device__ __forceinline__ void mma_tile(float (&acc)[2][4], const FragA<T>& a, 
     // The tensor cores truncate what they add to the accumulator; summed into one running
     // accumulator over a whole plane and batch that bias grew to 5e-6 of a weight gradient (H100,
     // N64 14x14 13x13) and 6e-3 of RepLKNet-31B's gradients. So each tile's product (small terms
-    // first) goes into a fresh accumulator, added to acc with a rounded fp32 add.
-    float part[2][4];
+    // first) goes into fresh accumulators, added to acc with rounded fp32 adds. One per k half
+    // and column half: four independent chains of three MMAs rather than two of six (a chain's
+    // MMAs wait on each other).
+    float part[2][2][4];
 #pragma unroll
     for (int kk = 0; kk < 2; ++kk)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        if (kk == 0) {
-          mma_tf32_first(part[h], a.lo[kk], b.hi[kk][h]);
-        } else {
-          mma_tf32(part[h], a.lo[kk], b.hi[kk][h]);
-        }
-        mma_tf32(part[h], a.hi[kk], b.lo[kk][h]);
-        mma_tf32(part[h], a.hi[kk], b.hi[kk][h]);
+        mma_tf32_first(part[kk][h], a.lo[kk], b.hi[kk][h]);
+        mma_tf32(part[kk][h], a.hi[kk], b.lo[kk][h]);
+        mma_tf32(part[kk][h], a.hi[kk], b.hi[kk][h]);
       }
 #pragma unroll
     for (int h = 0; h < 2; ++h)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) acc[h][e] += part[h][e];
+      for (int e = 0; e < 4; ++e) acc[h][e] += part[0][h][e] + part[1][h][e];
   } else {
     mma<T>(acc[0], a.r, b.r[0], b.r[1]);
     mma<T>(acc[1], a.r, b.r[2], b.r[3]);

@@ -143,25 +143,24 @@ __global__ void __launch_bounds__(kThreads) small_forward_kernel(const T* __rest
       any |= reach[p];
     }
     if (!any) continue;
-    FragB<T> b[P];
+    FragA<T> a[kForwardTiles];
+#pragma unroll
+    for (int m = 0; m < kForwardTiles; ++m)
+      load_a(a[m], xs + (qy * kForwardImages + m * 16) * kXPitch, kXPitch, lane);
+    // Both image tiles' products inside one (warp-uniform) branch, so that their chains of
+    // dependent MMAs can overlap; a tile past the batch multiplies the zeros staged for it.
 #pragma unroll
     for (int p = 0; p < P; ++p) {
       if (!reach[p]) continue;
+      FragB<T> b;
       if constexpr (kF32) {
         const float* taps = ks + row[p] * kPaddedRow + 15;
-        fill_b(b[p], lane, [taps](int k, int n) { return taps[k - n]; });
+        fill_b(b, lane, [taps](int k, int n) { return taps[k - n]; });
       } else {
-        load_b(b[p], ts + row[p] * kTileElems, kPitch, lane);
+        load_b(b, ts + row[p] * kTileElems, kPitch, lane);
       }
-    }
 #pragma unroll
-    for (int m = 0; m < kForwardTiles; ++m) {
-      if (m >= m_tiles) continue;
-      FragA<T> a;
-      load_a(a, xs + (qy * kForwardImages + m * 16) * kXPitch, kXPitch, lane);
-#pragma unroll
-      for (int p = 0; p < P; ++p)
-        if (reach[p]) mma_tile(acc[m][p], a, b[p]);
+      for (int m = 0; m < kForwardTiles; ++m) mma_tile(acc[m][p], a[m], b);
     }
   }
 
@@ -218,19 +217,46 @@ __global__ void __launch_bounds__(kThreads) small_weight_grad_kernel(const T* __
     stage_planes<Images, kPitch>(ds, dy, s.out_stride, c, n0, s.N, s.Ho, s.Wo, dy_pairs);
     cp_async_wait_all();
     __syncthreads();
-    const int m_tiles = min(Images, s.N - n0 + 15) / 16;
-    for (int oy = 0; oy < s.Ho; ++oy) {
-      for (int m = 0; m < m_tiles; ++m) {
-        FragA<T> a;
-        load_a_trans(a, ds + (oy * Images + m * 16) * kPitch, kPitch, lane);
+    if constexpr (std::is_same<T, float>::value) {
+      // Every image tile's product for kernel row i inside one (warp-uniform) branch, so that
+      // their MMA chains can overlap (fp32 products go to fresh accumulators, see mma_tile);
+      // tiles past the batch multiply the zeros staged for them.
+      constexpr int kTiles = Images / 16;
+      for (int oy = 0; oy < s.Ho; ++oy) {
+        FragA<T> a[kTiles];
+#pragma unroll
+        for (int m = 0; m < kTiles; ++m)
+          load_a_trans(a[m], ds + (oy * Images + m * 16) * kPitch, kPitch, lane);
 #pragma unroll
         for (int r = 0; r < R; ++r) {
           const int i = warp + kWarps * r;
           const int qy = oy + i - s.pad_h;
           if (i >= s.kh || qy < 0 || qy >= s.H) continue;
-          FragB<T> b;
-          load_b(b, xs + (qy * Images + m * 16) * kPitch, kPitch, lane);
-          mma_tile(acc[r], a, b);
+#pragma unroll
+          for (int m = 0; m < kTiles; ++m) {
+            FragB<T> b;
+            load_b(b, xs + (qy * Images + m * 16) * kPitch, kPitch, lane);
+            mma_tile(acc[r], a[m], b);
+          }
+        }
+      }
+    } else {
+      // 16-bit MMAs add to the accumulators directly: one image tile per branch keeps
+      // consecutive MMAs independent.
+      const int m_tiles = min(Images, s.N - n0 + 15) / 16;
+      for (int oy = 0; oy < s.Ho; ++oy) {
+        for (int m = 0; m < m_tiles; ++m) {
+          FragA<T> a;
+          load_a_trans(a, ds + (oy * Images + m * 16) * kPitch, kPitch, lane);
+#pragma unroll
+          for (int r = 0; r < R; ++r) {
+            const int i = warp + kWarps * r;
+            const int qy = oy + i - s.pad_h;
+            if (i >= s.kh || qy < 0 || qy >= s.H) continue;
+            FragB<T> b;
+            load_b(b, xs + (qy * Images + m * 16) * kPitch, kPitch, lane);
+            mma_tile(acc[r], a, b);
+          }
         }
       }
     }
