@@ -307,6 +307,18 @@ __device__ __forceinline__ void load_split_b(FragB<float>& b, const float* tile,
   }
 }
 
+// An fp32 A fragment kept split in shared memory in the same fragment order: lane l's hi[0],
+// hi[1], lo[0], lo[1] at uint4 q * 32 + l.
+__device__ __forceinline__ void load_split_a(FragA<float>& a, const float* tile, int lane) {
+  const uint4* src = reinterpret_cast<const uint4*>(tile) + lane;
+#pragma unroll
+  for (int kk = 0; kk < 2; ++kk) {
+    const uint4 hi = src[32 * kk], lo = src[32 * (kk + 2)];
+    a.hi[kk][0] = hi.x, a.hi[kk][1] = hi.y, a.hi[kk][2] = hi.z, a.hi[kk][3] = hi.w;
+    a.lo[kk][0] = lo.x, a.lo[kk][1] = lo.y, a.lo[kk][2] = lo.z, a.lo[kk][3] = lo.w;
+  }
+}
+
 // Two neighbouring outputs in one store (dst aligned to two elements).
 template <typename T>
 __device__ __forceinline__ void store_pair(T* dst, float v0, float v1) {

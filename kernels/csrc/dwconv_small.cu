@@ -1,6 +1,6 @@
 // Small-plane tensor-core formulation (planes of at most 16 x 16): the batch is M. fp16 / bf16 run
 // m16n8k16 MMAs; fp32 runs the same tiles as 3xTF32 m16n8k8 MMAs (common.cuh: split operands,
-// three products), staged in fp32 with 4-byte copies.
+// three products), its input planes staged already split, in fragment order.
 //
 // With at most 16 columns every image row is one 16-wide tile, so kernel row i is one 16x16
 // Toeplitz tile T_i (input columns x output columns, T_i[qx][ox] = K[i][qx - ox + pw]) and
@@ -15,6 +15,8 @@
 #include "dwconv.h"
 #include "common.cuh"
 
+#include <algorithm>
+
 namespace lknets {
 namespace {
 
@@ -28,10 +30,9 @@ constexpr int kForwardTiles = kForwardImages / 16;
 // per SM: RepLKNet-31B@384's stage 4 at batch 32, 0.048 -> 0.035 ms on the H100).
 constexpr int kGradImages = 64;
 constexpr int kPlane = 16;           // the largest plane side
-// Elements per staged 16-wide row: ldmatrix (16-bit; fp32 forward, pitch 20) and the fp32 scalar
-// fragment loads of the weight gradient (pitch 24) without bank conflicts.
+// Elements per staged 16-wide row: ldmatrix (16-bit) and the fp32 scalar fragment loads of the
+// weight gradient (pitch 24) without bank conflicts.
 constexpr int kPitch = 24;
-constexpr int kPitchF32Forward = 20;
 constexpr int kTileElems = 16 * kPitch;
 constexpr int kPaddedRow = 32;       // fp32 forward: kernel row taps j = pw - 15 .. pw + 15
 constexpr int kMaxRowsPerWarp = 8;   // weight grad: kernel rows per warp (63 over 8 warps)
@@ -88,6 +89,68 @@ __device__ __forceinline__ void stage_planes(T* dst, const T* __restrict__ src,
   }
 }
 
+// How a 16x16 tile of staged planes (16 images x 16 columns) serves as an MMA operand.
+enum class Operand {
+  kA,           // A: images x columns (forward input)
+  kTransposedA, // A: columns x images (weight gradient: dy^T)
+  kB,           // B: images x columns (weight gradient: input)
+};
+
+// fp32 planes staged as split fragments: tile (y, m) at dst + (y * Images / 16 + m) *
+// kSplitTileFloats holds row y of images n0 + 16 m .. + 15 (columns 0..15, zero at columns >= w
+// and images >= N) as `op`, split and in fragment order (common.cuh: store_split_b), so that
+// every warp loads it with four 16-byte loads and no conversion: each element is split once
+// rather than by every warp that multiplies it. A thread converts one lane's share of a tile at
+// a time, Batch tiles' loads in flight (registers allowing).
+template <int Images, Operand op, int Batch>
+__device__ __forceinline__ void stage_split_tiles(float* dst, const float* __restrict__ src,
+                                                  const int64_t* stride, int c, int n0, int N,
+                                                  int h, int w) {
+  constexpr int kTiles = Images / 16;
+  const float* channel = src + c * stride[1];
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int total = h * kTiles * 32;
+  for (int f0 = threadIdx.x; f0 < total; f0 += Batch * kThreads) {
+    float v[Batch][2][4];
+#pragma unroll
+    for (int u = 0; u < Batch; ++u) {
+      const int tile = (f0 + u * kThreads) / 32, y = tile / kTiles, m = tile % kTiles;
+#pragma unroll
+      for (int kk = 0; kk < 2; ++kk)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          // (image, column) of register e of k half kk (m16n8k8 TF32 layouts, common.cuh).
+          int n, col;
+          if constexpr (op == Operand::kA) {
+            n = g + 8 * (e % 2), col = 8 * kk + t + 4 * (e / 2);
+          } else if constexpr (op == Operand::kTransposedA) {
+            col = g + 8 * (e % 2), n = 8 * kk + t + 4 * (e / 2);
+          } else {
+            n = 8 * kk + t + 4 * (e % 2), col = 8 * (e / 2) + g;
+          }
+          n += n0 + 16 * m;
+          v[u][kk][e] = y < h && n < N && col < w
+                            ? channel[n * stride[0] + y * stride[2] + col * stride[3]]
+                            : 0.f;
+        }
+    }
+#pragma unroll
+    for (int u = 0; u < Batch; ++u) {
+      const int tile = (f0 + u * kThreads) / 32;
+      if (tile >= h * kTiles) break;
+      uint4* d = reinterpret_cast<uint4*>(dst + tile * kSplitTileFloats) + lane;
+#pragma unroll
+      for (int kk = 0; kk < 2; ++kk) {
+        unsigned hi[4], lo[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) split_tf32(v[u][kk][e], hi[e], lo[e]);
+        d[32 * kk] = make_uint4(hi[0], hi[1], hi[2], hi[3]);
+        d[32 * (kk + 2)] = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+      }
+    }
+  }
+}
+
 // grid (C, ceil(N / 32)), 256 threads; P = ceil(Ho / 8) output rows per warp (fewer registers,
 // more resident blocks, for planes of up to 8 rows). The B operand of kernel row i: 16-bit, the
 // Toeplitz tile T_i built once in shared memory; fp32, built in registers from the kernel row
@@ -99,20 +162,23 @@ __global__ void __launch_bounds__(kThreads) small_forward_kernel(const T* __rest
                                                                     bool pair_loads,
                                                                     bool pair_stores) {
   constexpr bool kF32 = std::is_same<T, float>::value;
-  constexpr int kXPitch = kF32 ? kPitchF32Forward : kPitch;
   extern __shared__ float4 smem4[];
   const int c = blockIdx.x, n0 = blockIdx.y * kForwardImages;
-  T* ts = reinterpret_cast<T*>(smem4);                  // kh Toeplitz tiles (16-bit)
-  T* xs = ts + (kF32 ? 0 : s.kh * kTileElems);          // H * kForwardImages staged rows
-  float* ks = reinterpret_cast<float*>(xs + s.H * kForwardImages * kXPitch);  // kernel taps
+  // 16-bit: kh Toeplitz tiles, then H * kForwardImages staged rows. fp32: H * kForwardTiles split
+  // A tiles. Then the kernel taps.
+  T* ts = reinterpret_cast<T*>(smem4);
+  T* xs = ts + (kF32 ? 0 : s.kh * kTileElems);
+  float* ks = reinterpret_cast<float*>(
+      xs + (kF32 ? s.H * kForwardTiles * kSplitTileFloats : s.H * kForwardImages * kPitch));
 
-  stage_planes<kForwardImages, kXPitch>(xs, x, s.in_stride, c, n0, s.N, s.H, s.W, pair_loads);
   if constexpr (kF32) {
+    stage_split_tiles<kForwardImages, Operand::kA, 4>(xs, x, s.in_stride, c, n0, s.N, s.H, s.W);
     for (int e = threadIdx.x; e < s.kh * kPaddedRow; e += kThreads) {
       const int i = e / kPaddedRow, j = e % kPaddedRow - 15 + s.pad_w;
       ks[e] = j >= 0 && j < s.kw ? filter_tap<T>(filter, c, i, j) : 0.f;
     }
   } else {
+    stage_planes<kForwardImages, kPitch>(xs, x, s.in_stride, c, n0, s.N, s.H, s.W, pair_loads);
     for (int e = threadIdx.x; e < s.kh * s.kw; e += kThreads)
       ks[e] = filter_tap<T>(filter, c, e / s.kw, e % s.kw);
   }
@@ -145,8 +211,13 @@ __global__ void __launch_bounds__(kThreads) small_forward_kernel(const T* __rest
     if (!any) continue;
     FragA<T> a[kForwardTiles];
 #pragma unroll
-    for (int m = 0; m < kForwardTiles; ++m)
-      load_a(a[m], xs + (qy * kForwardImages + m * 16) * kXPitch, kXPitch, lane);
+    for (int m = 0; m < kForwardTiles; ++m) {
+      if constexpr (kF32) {
+        load_split_a(a[m], xs + (qy * kForwardTiles + m) * kSplitTileFloats, lane);
+      } else {
+        load_a(a[m], xs + (qy * kForwardImages + m * 16) * kPitch, kPitch, lane);
+      }
+    }
     // Both image tiles' products inside one (warp-uniform) branch, so that their chains of
     // dependent MMAs can overlap; a tile past the batch multiplies the zeros staged for it.
 #pragma unroll
@@ -203,21 +274,27 @@ __global__ void __launch_bounds__(kThreads) small_weight_grad_kernel(const T* __
                                                                      T* __restrict__ dw,
                                                                      ConvShape s, bool x_pairs,
                                                                      bool dy_pairs) {
+  constexpr bool kF32 = std::is_same<T, float>::value;
   extern __shared__ float4 smem4[];
   const int c = blockIdx.x;
-  T* xs = reinterpret_cast<T*>(smem4);  // H * Images staged input rows
-  T* ds = xs + s.H * Images * kPitch;   // Ho * Images staged output-gradient rows
-  float* scratch = reinterpret_cast<float*>(ds + s.Ho * Images * kPitch);
+  // Ho * Images staged output-gradient rows, then the input: H * Images staged rows (16-bit) or
+  // H * Images / 16 split B tiles (fp32: each is multiplied by up to R * 8 warps).
+  T* ds = reinterpret_cast<T*>(smem4);
+  T* xs = ds + s.Ho * Images * kPitch;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   float acc[R][2][4] = {};
   for (int n0 = 0; n0 < s.N; n0 += Images) {
     __syncthreads();  // the previous images' products are done with xs and ds
-    stage_planes<Images, kPitch>(xs, x, s.in_stride, c, n0, s.N, s.H, s.W, x_pairs);
     stage_planes<Images, kPitch>(ds, dy, s.out_stride, c, n0, s.N, s.Ho, s.Wo, dy_pairs);
+    if constexpr (kF32) {
+      stage_split_tiles<Images, Operand::kB, 1>(xs, x, s.in_stride, c, n0, s.N, s.H, s.W);
+    } else {
+      stage_planes<Images, kPitch>(xs, x, s.in_stride, c, n0, s.N, s.H, s.W, x_pairs);
+    }
     cp_async_wait_all();
     __syncthreads();
-    if constexpr (std::is_same<T, float>::value) {
+    if constexpr (kF32) {
       // Every image tile's product for kernel row i inside one (warp-uniform) branch, so that
       // their MMA chains can overlap (fp32 products go to fresh accumulators, see mma_tile);
       // tiles past the batch multiply the zeros staged for them.
@@ -235,7 +312,7 @@ __global__ void __launch_bounds__(kThreads) small_weight_grad_kernel(const T* __
 #pragma unroll
           for (int m = 0; m < kTiles; ++m) {
             FragB<T> b;
-            load_b(b, xs + (qy * Images + m * 16) * kPitch, kPitch, lane);
+            load_split_b(b, xs + (qy * kTiles + m) * kSplitTileFloats, lane);
             mma_tile(acc[r], a[m], b);
           }
         }
@@ -262,7 +339,9 @@ __global__ void __launch_bounds__(kThreads) small_weight_grad_kernel(const T* __
     }
   }
   // G_i[ox][qx] adds to tap j = qx - ox + pw; lanes take taps, summing over ox in a fixed order.
-  float* mine = scratch + warp * 16 * kScratchPitch;
+  // The scratch tiles reuse the staging memory once every warp is done with it.
+  __syncthreads();
+  float* mine = reinterpret_cast<float*>(smem4) + warp * 16 * kScratchPitch;
   T* out = dw + static_cast<int64_t>(c) * s.kh * s.kw;
 #pragma unroll
   for (int r = 0; r < R; ++r) {
@@ -298,13 +377,16 @@ bool pairwise(const void* data, const int64_t* stride, int w) {
 template <typename T>
 int64_t forward_smem(const ConvShape& s) {
   if constexpr (std::is_same<T, float>::value)
-    return 4LL * (s.H * kForwardImages * kPitchF32Forward + s.kh * kPaddedRow);
+    return 4LL * (s.H * kForwardTiles * kSplitTileFloats + s.kh * kPaddedRow);
   return 2LL * (s.kh * kTileElems + s.H * kForwardImages * kPitch) + 4LL * s.kh * s.kw;
 }
 
 template <typename T>
 int64_t weight_grad_smem(const ConvShape& s, int images) {
-  return int64_t(sizeof(T)) * (s.H + s.Ho) * images * kPitch + 4LL * kWarps * 16 * kScratchPitch;
+  const int64_t x_elems = std::is_same<T, float>::value ? s.H * (images / 16) * kSplitTileFloats
+                                                        : s.H * images * kPitch;
+  const int64_t staging = int64_t(sizeof(T)) * (s.Ho * images * kPitch + x_elems);
+  return std::max<int64_t>(staging, 4LL * kWarps * 16 * kScratchPitch);
 }
 
 template <typename T, int P>
