@@ -220,7 +220,8 @@ ALGO_SHAPES = [
     ((3, 2, 21, 100), (1, 31)),
     ((3, 4, 40, 24), (29, 3)),       # H/W-transposed view: 8-element vectors down its columns
     ((2, 3, 26, 18), (9, 5)),        # the same with 2-element vectors
-    ((4, 5, 14, 11), (13, 3)),       # small plane, H/W-transposed view
+    ((4, 5, 14, 11), (13, 3)),       # small plane, tall kernel (not transposed on small planes)
+    ((5, 3, 14, 12), (47, 5)),       # kernel rows past the plane's reach: zero weight gradient
     ((66, 4, 9, 16), (27, 27)),      # small plane, kernel larger than the image, two image blocks
     ((67, 8, 7, 7), (13, 13)),       # plane GEMM: 16-byte staging, all eight shifts, two image blocks
     ((5, 3, 8, 8), (3, 3)),          # plane GEMM: 64-pixel planes

@@ -35,7 +35,6 @@ constexpr int kPlane = 16;           // the largest plane side
 constexpr int kPitch = 24;
 constexpr int kTileElems = 16 * kPitch;
 constexpr int kPaddedRow = 32;       // fp32 forward: kernel row taps j = pw - 15 .. pw + 15
-constexpr int kMaxRowsPerWarp = 8;   // weight grad: kernel rows per warp (63 over 8 warps)
 constexpr int kScratchPitch = 20;    // weight grad: a warp's 16x16 fp32 scratch tile
 
 // Rows (y, g) of dst (pitch Pitch), y < h, g < Images, hold row y of image n0 + g, columns 0..15
@@ -266,8 +265,19 @@ __global__ void __launch_bounds__(kThreads) small_forward_kernel(const T* __rest
   }
 }
 
-// grid (C), 256 threads; dw is (C, kh, kw) contiguous; R >= ceil(kh / 8) kernel rows per warp,
-// Images per step.
+// The kernel rows whose products touch the plane: i in [first_row, first_row + count). At most
+// H + Ho - 1 <= 31 rows, so at most 4 per warp; the others' weight gradient is zero.
+struct ReachedRows {
+  int first, count;
+};
+
+__host__ __device__ inline ReachedRows reached_rows(const ConvShape& s) {
+  const int first = max(0, s.pad_h - s.Ho + 1);
+  return {first, min(s.kh - 1, s.pad_h + s.H - 1) - first + 1};
+}
+
+// grid (C), 256 threads; dw is (C, kh, kw) contiguous; R >= ceil(reached rows / 8) kernel rows per
+// warp, Images per step.
 template <typename T, int R, int Images>
 __global__ void __launch_bounds__(kThreads) small_weight_grad_kernel(const T* __restrict__ x,
                                                                      const T* __restrict__ dy,
@@ -283,6 +293,7 @@ __global__ void __launch_bounds__(kThreads) small_weight_grad_kernel(const T* __
   T* xs = ds + s.Ho * Images * kPitch;
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const ReachedRows rows = reached_rows(s);
   float acc[R][2][4] = {};
   for (int n0 = 0; n0 < s.N; n0 += Images) {
     __syncthreads();  // the previous images' products are done with xs and ds
@@ -306,9 +317,9 @@ __global__ void __launch_bounds__(kThreads) small_weight_grad_kernel(const T* __
           load_a_trans(a[m], ds + (oy * Images + m * 16) * kPitch, kPitch, lane);
 #pragma unroll
         for (int r = 0; r < R; ++r) {
-          const int i = warp + kWarps * r;
+          const int i = rows.first + warp + kWarps * r;
           const int qy = oy + i - s.pad_h;
-          if (i >= s.kh || qy < 0 || qy >= s.H) continue;
+          if (i >= rows.first + rows.count || qy < 0 || qy >= s.H) continue;
 #pragma unroll
           for (int m = 0; m < kTiles; ++m) {
             FragB<T> b;
@@ -327,9 +338,9 @@ __global__ void __launch_bounds__(kThreads) small_weight_grad_kernel(const T* __
           load_a_trans(a, ds + (oy * Images + m * 16) * kPitch, kPitch, lane);
 #pragma unroll
           for (int r = 0; r < R; ++r) {
-            const int i = warp + kWarps * r;
+            const int i = rows.first + warp + kWarps * r;
             const int qy = oy + i - s.pad_h;
-            if (i >= s.kh || qy < 0 || qy >= s.H) continue;
+            if (i >= rows.first + rows.count || qy < 0 || qy >= s.H) continue;
             FragB<T> b;
             load_b(b, xs + (qy * Images + m * 16) * kPitch, kPitch, lane);
             mma_tile(acc[r], a, b);
@@ -343,10 +354,14 @@ __global__ void __launch_bounds__(kThreads) small_weight_grad_kernel(const T* __
   __syncthreads();
   float* mine = reinterpret_cast<float*>(smem4) + warp * 16 * kScratchPitch;
   T* out = dw + static_cast<int64_t>(c) * s.kh * s.kw;
+  for (int e = threadIdx.x; e < s.kh * s.kw; e += kThreads) {
+    const int i = e / s.kw;
+    if (i < rows.first || i >= rows.first + rows.count) out[e] = from_float<T>(0.f);
+  }
 #pragma unroll
   for (int r = 0; r < R; ++r) {
-    const int i = warp + kWarps * r;
-    if (i >= s.kh) break;
+    const int i = rows.first + warp + kWarps * r;
+    if (i >= rows.first + rows.count) break;
     __syncwarp();
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -437,16 +452,14 @@ cudaError_t small_weight_grad_images(const void* x, const void* dy, void* dw, co
 template <typename T>
 cudaError_t small_weight_grad_rows(const void* x, const void* dy, void* dw, const ConvShape& s,
                                    cudaStream_t stream) {
-  if (s.kh <= 2 * kWarps) return small_weight_grad_images<T, 2>(x, dy, dw, s, stream);
-  if (s.kh <= 4 * kWarps) return small_weight_grad_images<T, 4>(x, dy, dw, s, stream);
-  return small_weight_grad_images<T, kMaxRowsPerWarp>(x, dy, dw, s, stream);
+  return reached_rows(s).count <= 2 * kWarps ? small_weight_grad_images<T, 2>(x, dy, dw, s, stream)
+                                             : small_weight_grad_images<T, 4>(x, dy, dw, s, stream);
 }
 
 }  // namespace
 
 bool small_supported(const ConvShape& s) {
-  return s.H <= kPlane && s.W <= kPlane && s.Ho <= kPlane &&
-         s.Wo <= kPlane && s.kh <= kMaxRowsPerWarp * kWarps;
+  return s.H <= kPlane && s.W <= kPlane && s.Ho <= kPlane && s.Wo <= kPlane;
 }
 
 cudaError_t launch_forward_small(DType dtype, const void* x, const Filter& filter, void* y,

@@ -4,8 +4,9 @@
 //
 // Layout: the kernels address every tensor through its strides, so NCHW, channels_last and other
 // views are read and written in place (no copies). Outputs take x's layout: channels_last when x is
-// channels_last, NCHW otherwise. Kernels wider than tall are the fast orientation; a kernel taller
-// than wide is run on the H/W-transposed views (a stride swap, not a copy).
+// channels_last, NCHW otherwise. On planes over 16 x 16 kernels wider than tall are the fast
+// orientation; a kernel taller than wide is run there on the H/W-transposed views (a stride swap,
+// not a copy).
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -67,6 +68,18 @@ void check_weight(const at::Tensor& x, const at::Tensor& weight) {
   check_kernel_size(weight.size(2), weight.size(3));
 }
 
+// Whether a kh x kw kernel runs on the H/W-transposed views of `in` (and its output): tall
+// kernels, where the formulation multiplies kernel rows (the row-Toeplitz GEMM, planes over
+// 16 x 16; few and wide rows are its fast orientation). Up to 16 x 16 the small-plane and plane
+// GEMMs multiply whole-row Toeplitz tiles, and on planes with contiguous rows the transposed
+// view's strided loads and stores cost more than its fewer rows save (H100, SLaK 47x5 at 14x14:
+// forward 0.120 -> 0.082 ms fp32, 0.103 -> 0.043 bf16 untransposed); on channels_last planes every
+// access is strided either way and the fewer rows win (f+b 0.520 vs 0.583 ms fp32).
+bool run_transposed(int64_t kh, int64_t kw, const at::Tensor& in) {
+  const bool small_plane = in.size(2) <= 16 && in.size(3) <= 16;
+  return kw < kh && !(small_plane && in.stride(3) == 1);
+}
+
 // The shape of out = in (*) k for the (possibly H/W-transposed) views `in` and `out`.
 ConvShape make_shape(const at::Tensor& in, const at::Tensor& out, int64_t kh, int64_t kw,
                      int64_t pad_h, int64_t pad_w) {
@@ -121,7 +134,7 @@ at::Tensor correlate(const at::Tensor& in, const at::Tensor& weight,
     f.stride[1] = -f.stride[1];
     f.stride[2] = -f.stride[2];
   }
-  const bool transpose = kw < kh;
+  const bool transpose = run_transposed(kh, kw, in);
   if (transpose) std::swap(f.stride[1], f.stride[2]);
   const at::Tensor in_v = transpose ? in.transpose(2, 3) : in;
   const at::Tensor out_v = transpose ? out.transpose(2, 3) : out;
@@ -165,7 +178,7 @@ at::Tensor weight_grad(const at::Tensor& x, const at::Tensor& grad_out, int64_t 
               " does not match the input ", x.sizes(), " with kernel ", kh, "x", kw,
               " and padding (", pad_h, ", ", pad_w, ")");
   const c10::cuda::CUDAGuard guard(x.device());
-  const bool transpose = kw < kh;
+  const bool transpose = run_transposed(kh, kw, x);
   at::Tensor grad_w = at::empty({x.size(1), 1, transpose ? kw : kh, transpose ? kh : kw},
                                 x.options());
   if (x.numel() == 0 || grad_out.numel() == 0) {
