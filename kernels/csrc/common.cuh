@@ -149,29 +149,45 @@ struct FragB<float> {
   unsigned hi[2][2][2], lo[2][2][2];  // [kk][h][register]
 };
 
+// fp32 tile products go into fresh accumulators ("parts") rather than straight into a running
+// sum: the tensor cores truncate what they add to the accumulator, and summed into one running
+// accumulator over a whole plane and batch that bias grew to 5e-6 of a weight gradient (H100, N64
+// 14x14 13x13) and 6e-3 of RepLKNet-31B's gradients. A few tile products (small terms first) are
+// summed per part, then the parts are added to acc with rounded fp32 adds. One part per k half
+// and column half: four independent chains of MMAs (a chain's MMAs wait on each other).
+using Parts = float[2][2][4];
+
+// parts (+)= a * b as 3xTF32; `fresh` starts the parts anew.
+__device__ __forceinline__ void add_tile_product(Parts& part, const FragA<float>& a,
+                                                 const FragB<float>& b, bool fresh) {
+#pragma unroll
+  for (int kk = 0; kk < 2; ++kk)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      if (fresh) {
+        mma_tf32_first(part[kk][h], a.lo[kk], b.hi[kk][h]);
+      } else {
+        mma_tf32(part[kk][h], a.lo[kk], b.hi[kk][h]);
+      }
+      mma_tf32(part[kk][h], a.hi[kk], b.lo[kk][h]);
+      mma_tf32(part[kk][h], a.hi[kk], b.hi[kk][h]);
+    }
+}
+
+__device__ __forceinline__ void add_parts(float (&acc)[2][4], const Parts& part) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[h][e] += part[0][h][e] + part[1][h][e];
+}
+
 // acc[h] (16 x 8, output columns 8h..8h+7) += a * b.
 template <typename T>
 __device__ __forceinline__ void mma_tile(float (&acc)[2][4], const FragA<T>& a, const FragB<T>& b) {
   if constexpr (std::is_same<T, float>::value) {
-    // The tensor cores truncate what they add to the accumulator; summed into one running
-    // accumulator over a whole plane and batch that bias grew to 5e-6 of a weight gradient (H100,
-    // N64 14x14 13x13) and 6e-3 of RepLKNet-31B's gradients. So each tile's product (small terms
-    // first) goes into fresh accumulators, added to acc with rounded fp32 adds. One per k half
-    // and column half: four independent chains of three MMAs rather than two of six (a chain's
-    // MMAs wait on each other).
-    float part[2][2][4];
-#pragma unroll
-    for (int kk = 0; kk < 2; ++kk)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        mma_tf32_first(part[kk][h], a.lo[kk], b.hi[kk][h]);
-        mma_tf32(part[kk][h], a.hi[kk], b.lo[kk][h]);
-        mma_tf32(part[kk][h], a.hi[kk], b.hi[kk][h]);
-      }
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) acc[h][e] += part[0][h][e] + part[1][h][e];
+    Parts part;
+    add_tile_product(part, a, b, /*fresh=*/true);
+    add_parts(acc, part);
   } else {
     mma<T>(acc[0], a.r, b.r[0], b.r[1]);
     mma<T>(acc[1], a.r, b.r[2], b.r[3]);

@@ -306,8 +306,8 @@ __global__ void __launch_bounds__(kThreads) small_weight_grad_kernel(const T* __
     cp_async_wait_all();
     __syncthreads();
     if constexpr (kF32) {
-      // Every image tile's product for kernel row i inside one (warp-uniform) branch, so that
-      // their MMA chains can overlap (fp32 products go to fresh accumulators, see mma_tile);
+      // Every image tile's product for kernel row i inside one (warp-uniform) branch, summed in
+      // one set of parts (common.cuh: add_tile_product) before they reach the accumulators;
       // tiles past the batch multiply the zeros staged for them.
       constexpr int kTiles = Images / 16;
       for (int oy = 0; oy < s.Ho; ++oy) {
@@ -320,12 +320,14 @@ __global__ void __launch_bounds__(kThreads) small_weight_grad_kernel(const T* __
           const int i = rows.first + warp + kWarps * r;
           const int qy = oy + i - s.pad_h;
           if (i >= rows.first + rows.count || qy < 0 || qy >= s.H) continue;
+          Parts part;
 #pragma unroll
           for (int m = 0; m < kTiles; ++m) {
             FragB<T> b;
             load_split_b(b, xs + (qy * kTiles + m) * kSplitTileFloats, lane);
-            mma_tile(acc[r], a[m], b);
+            add_tile_product(part, a[m], b, /*fresh=*/m == 0);
           }
+          add_parts(acc[r], part);
         }
       }
     } else {
