@@ -153,41 +153,53 @@ struct FragB<float> {
 // sum: the tensor cores truncate what they add to the accumulator, and summed into one running
 // accumulator over a whole plane and batch that bias grew to 5e-6 of a weight gradient (H100, N64
 // 14x14 13x13) and 6e-3 of RepLKNet-31B's gradients. A few tile products (small terms first) are
-// summed per part, then the parts are added to acc with rounded fp32 adds. One part per k half
-// and column half: four independent chains of MMAs (a chain's MMAs wait on each other).
-using Parts = float[2][2][4];
+// summed per part, then the parts are added to acc with rounded fp32 adds. One part per column
+// half and, with KParts = 2, per k half: four independent chains of three MMAs instead of two of
+// six (a chain's MMAs wait on each other) for twice the adds. Which wins depends on the kernel
+// (H100, fp32 f+b, side by side): the small-plane forward runs faster with two chains (r31b224_s3
+// forward 0.084 -> 0.079 ms), its weight gradient and the row-Toeplitz GEMM with four.
+template <int KParts>
+using Parts = float[KParts][2][4];
 
 // parts (+)= a * b as 3xTF32; `fresh` starts the parts anew.
-__device__ __forceinline__ void add_tile_product(Parts& part, const FragA<float>& a,
+template <int KParts>
+__device__ __forceinline__ void add_tile_product(Parts<KParts>& part, const FragA<float>& a,
                                                  const FragB<float>& b, bool fresh) {
 #pragma unroll
   for (int kk = 0; kk < 2; ++kk)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      if (fresh) {
-        mma_tf32_first(part[kk][h], a.lo[kk], b.hi[kk][h]);
+      float(&d)[4] = part[kk % KParts][h];
+      if (fresh && kk < KParts) {
+        mma_tf32_first(d, a.lo[kk], b.hi[kk][h]);
       } else {
-        mma_tf32(part[kk][h], a.lo[kk], b.hi[kk][h]);
+        mma_tf32(d, a.lo[kk], b.hi[kk][h]);
       }
-      mma_tf32(part[kk][h], a.hi[kk], b.lo[kk][h]);
-      mma_tf32(part[kk][h], a.hi[kk], b.hi[kk][h]);
+      mma_tf32(d, a.hi[kk], b.lo[kk][h]);
+      mma_tf32(d, a.hi[kk], b.hi[kk][h]);
     }
 }
 
-__device__ __forceinline__ void add_parts(float (&acc)[2][4], const Parts& part) {
+template <int KParts>
+__device__ __forceinline__ void add_parts(float (&acc)[2][4], const Parts<KParts>& part) {
 #pragma unroll
   for (int h = 0; h < 2; ++h)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) acc[h][e] += part[0][h][e] + part[1][h][e];
+    for (int e = 0; e < 4; ++e) {
+      float sum = part[0][h][e];
+#pragma unroll
+      for (int k = 1; k < KParts; ++k) sum += part[k][h][e];
+      acc[h][e] += sum;
+    }
 }
 
-// acc[h] (16 x 8, output columns 8h..8h+7) += a * b.
-template <typename T>
+// acc[h] (16 x 8, output columns 8h..8h+7) += a * b (fp32: KParts as above).
+template <typename T, int KParts = 2>
 __device__ __forceinline__ void mma_tile(float (&acc)[2][4], const FragA<T>& a, const FragB<T>& b) {
   if constexpr (std::is_same<T, float>::value) {
-    Parts part;
-    add_tile_product(part, a, b, /*fresh=*/true);
-    add_parts(acc, part);
+    Parts<KParts> part;
+    add_tile_product<KParts>(part, a, b, /*fresh=*/true);
+    add_parts<KParts>(acc, part);
   } else {
     mma<T>(acc[0], a.r, b.r[0], b.r[1]);
     mma<T>(acc[1], a.r, b.r[2], b.r[3]);

@@ -230,7 +230,7 @@ __global__ void __launch_bounds__(kThreads) small_forward_kernel(const T* __rest
         load_b(b, ts + row[p] * kTileElems, kPitch, lane);
       }
 #pragma unroll
-      for (int m = 0; m < kForwardTiles; ++m) mma_tile(acc[m][p], a[m], b);
+      for (int m = 0; m < kForwardTiles; ++m) mma_tile<T, 1>(acc[m][p], a[m], b);
     }
   }
 
@@ -320,14 +320,14 @@ __global__ void __launch_bounds__(kThreads) small_weight_grad_kernel(const T* __
           const int i = rows.first + warp + kWarps * r;
           const int qy = oy + i - s.pad_h;
           if (i >= rows.first + rows.count || qy < 0 || qy >= s.H) continue;
-          Parts part;
+          Parts<2> part;
 #pragma unroll
           for (int m = 0; m < kTiles; ++m) {
             FragB<T> b;
             load_split_b(b, xs + (qy * kTiles + m) * kSplitTileFloats, lane);
-            add_tile_product(part, a[m], b, /*fresh=*/m == 0);
+            add_tile_product<2>(part, a[m], b, /*fresh=*/m == 0);
           }
-          add_parts(acc[r], part);
+          add_parts<2>(acc[r], part);
         }
       }
     } else {
