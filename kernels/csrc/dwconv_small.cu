@@ -9,9 +9,11 @@
 // and warp w computes output rows w and w + 8 of every image, one m16n8k16 pair per 16 images and
 // (input row, output row) pair within the kernel's reach; pairs out of reach are skipped.
 // Weight gradient: G_i = sum over output rows oy and images of dy[:, oy, :]^T x[:, oy + i - ph, :]
-// (output columns x input columns), warp w owning kernel rows w, w + 8, ...; dw[i][j] is the sum
+// (output columns x input columns), warp w owning kernel rows first + w, first + w + 8, ... of
+// the rows that reach the plane (ReachedRows; the others' gradient is zero); dw[i][j] is the sum
 // of G_i's diagonal j. One block per channel goes through all images in a fixed order, so the
-// result is deterministic and needs no workspace.
+// result is deterministic and needs no workspace. Tall kernels run here as they are (not on the
+// transposed view, see ops.cpp) when the plane's rows are contiguous.
 #include "dwconv.h"
 #include "common.cuh"
 
