@@ -473,9 +473,17 @@ def _model_case(name, size):
         assert ours <= 2 * theirs + 1e-6, (ours_errs, torch_errs)
 
 
+@pytest.fixture
+def without_tf32():
+    # The float64 comparison needs torch's fp32 convs and matmuls in full fp32; the flags are
+    # process-wide, so they are put back for the tests that follow.
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @gpu
 @pytest.mark.parametrize("name", ["RepLKNet-31B", "unireplknet_t", "SLaK_tiny"])
-def test_whole_model_matches_torch_path(name):
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
+def test_whole_model_matches_torch_path(name, without_tf32):
     _model_case(name, 224)
