@@ -92,9 +92,8 @@ __device__ __forceinline__ void stage_planes(T* dst, const T* __restrict__ src,
 
 // How a 16x16 tile of staged planes (16 images x 16 columns) serves as an MMA operand.
 enum class Operand {
-  kA,           // A: images x columns (forward input)
-  kTransposedA, // A: columns x images (weight gradient: dy^T)
-  kB,           // B: images x columns (weight gradient: input)
+  kA,  // A: images x columns (forward input)
+  kB,  // B: images x columns (weight-gradient input)
 };
 
 // fp32 planes staged as split fragments: tile (y, m) at dst + (y * Images / 16 + m) *
@@ -124,8 +123,6 @@ __device__ __forceinline__ void stage_split_tiles(float* dst, const float* __res
           int n, col;
           if constexpr (op == Operand::kA) {
             n = g + 8 * (e % 2), col = 8 * kk + t + 4 * (e / 2);
-          } else if constexpr (op == Operand::kTransposedA) {
-            col = g + 8 * (e % 2), n = 8 * kk + t + 4 * (e / 2);
           } else {
             n = 8 * kk + t + 4 * (e % 2), col = 8 * (e / 2) + g;
           }
