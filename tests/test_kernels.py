@@ -201,14 +201,13 @@ def test_all_directions_match_float64(shape, k, dtype):
 
 # Shapes around the formulation boundaries (LKNETS_DWCONV_ALGO forces one where it takes the shape,
 # else the row-Toeplitz GEMM runs). The plane GEMM (default up to 8x8) takes planes of up to 64
-# pixels in blocks of 64 images; contiguous planes whose image stride is a multiple of 8 elements
+# pixels in blocks of 64 images; contiguous planes whose image stride is a multiple of 16 bytes
 # are staged with 16-byte copies from the 16-byte boundary before each plane (the shift differs per
 # channel), others element by element; the small-plane GEMM (default up to 16x16) on planes of up
 # to 16x16 in forward blocks of 32 images and weight-grad steps of 32 or 64 (fp32: 3xTF32, staged
 # element by element, weight-grad steps of 32); the row-Toeplitz GEMM (default beyond) tiles outputs
 # in blocks of up to 64 x 64, skips band tiles and padding rows, and reads H/W-transposed views with
-# vectors down their columns (fp32 everywhere as 3xTF32, except the plane GEMM: forced, fp32 runs
-# the row-Toeplitz GEMM).
+# vectors down their columns (fp32 everywhere as 3xTF32).
 ALGO_SHAPES = [
     ((70, 5, 16, 16), (13, 13)),     # largest small-plane GEMM plane, three image blocks
     ((3, 6, 17, 15), (13, 13)),      # just over the small-plane GEMM's limit
@@ -223,7 +222,7 @@ ALGO_SHAPES = [
     ((4, 5, 14, 11), (13, 3)),       # small plane, tall kernel (not transposed on small planes)
     ((5, 3, 14, 12), (47, 5)),       # kernel rows past the plane's reach: zero weight gradient
     ((66, 4, 9, 16), (27, 27)),      # small plane, kernel larger than the image, two image blocks
-    ((67, 8, 7, 7), (13, 13)),       # plane GEMM: 16-byte staging, all eight shifts, two image blocks
+    ((67, 8, 7, 7), (13, 13)),       # plane GEMM: 16-byte staging, all 8 (fp32: 4) shifts, two blocks
     ((5, 3, 8, 8), (3, 3)),          # plane GEMM: 64-pixel planes
     ((2, 16, 1, 50), (1, 31)),       # plane GEMM: one-row planes, shifts 0 / 2 / 4 / 6
     ((4, 8, 6, 9), (5, 3)),          # plane GEMM: H/W-transposed view, staged element by element
@@ -274,12 +273,13 @@ def test_weight_is_read_through_its_strides(k, algo, dtype, monkeypatch):
 
 @gpu
 @pytest.mark.parametrize("algo", ["gemm", "small"])
-def test_neighbouring_planes_do_not_leak(algo, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_neighbouring_planes_do_not_leak(algo, dtype, monkeypatch):
     # The plane GEMM's 16-byte staging copies parts of the neighbouring channels' planes along;
     # an inf there must not turn this channel's outputs or weight gradient into NaN.
     monkeypatch.setenv("LKNETS_DWCONV_ALGO", algo)
-    x = torch.randn(3, 8, 7, 7, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(8, 1, 13, 13, device="cuda", dtype=torch.bfloat16) / 13
+    x = torch.randn(3, 8, 7, 7, device="cuda", dtype=dtype)
+    w = torch.randn(8, 1, 13, 13, device="cuda", dtype=dtype) / 13
     x[:, 3] = float("inf")
     dy = torch.randn_like(x)
     dy[:, 5] = float("inf")
@@ -287,8 +287,8 @@ def test_neighbouring_planes_do_not_leak(algo, monkeypatch):
     dw = torch.ops.lknets.dwconv2d_weight_grad(x, dy, 13, 13, 6, 6)
     keep = [c for c in range(8) if c not in (3, 5)]
     y_ref, (_, dw_ref) = _reference(x[:, keep], w[keep], None, (6, 6), dy[:, keep])
-    assert _rel(y[:, keep], y_ref) < TOL[torch.bfloat16]
-    assert _rel(dw[keep], dw_ref) < TOL[torch.bfloat16]
+    assert _rel(y[:, keep], y_ref) < TOL[dtype]
+    assert _rel(dw[keep], dw_ref) < TOL[dtype]
 
 
 @gpu
@@ -298,16 +298,17 @@ def test_tensor_core_explicit_padding(pad, algo, monkeypatch):
     monkeypatch.setenv("LKNETS_DWCONV_ALGO", algo)
     shape = (2, 5, 9, 8) if algo == "small" else (2, 5, 17, 15)  # small: planes of <= 16x16
     _check_all_directions(shape, (7, 7), torch.float16, "nchw", pad=pad, bias=False)
-    # fp32: 3xTF32 on the small-plane and row-Toeplitz GEMMs (forced gemm: the row-Toeplitz GEMM)
+    # fp32: 3xTF32 (forced gemm on these planes of over 64 pixels: the row-Toeplitz GEMM)
     _check_all_directions(shape, (7, 7), torch.float32, "nchw", pad=pad, bias=False)
 
 
 @gpu
 @pytest.mark.parametrize("pad", [(0, 0), (1, 3), (4, 2)])
-def test_plane_gemm_explicit_padding(pad, monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_plane_gemm_explicit_padding(pad, dtype, monkeypatch):
     # Output planes of 2, 24 and 54 pixels; the input gradient runs with padding 4 - pad.
     monkeypatch.setenv("LKNETS_DWCONV_ALGO", "gemm")
-    _check_all_directions((3, 8, 5, 6), (5, 5), torch.bfloat16, "nchw", pad=pad, bias=False)
+    _check_all_directions((3, 8, 5, 6), (5, 5), dtype, "nchw", pad=pad, bias=False)
 
 
 @gpu

@@ -44,10 +44,11 @@ int64_t weight_grad_workspace_floats(DType dtype, const ConvShape& shape);
 cudaError_t launch_weight_grad(DType dtype, const void* x, const void* grad_out, float* workspace,
                                void* grad_weight, const ConvShape& shape, cudaStream_t stream);
 
-// Plane GEMM, tensor cores, fp16 / bf16 (dwconv_gemm.cu). launch_forward and launch_weight_grad
-// choose among it and the two GEMMs below by shape (the direct kernels only when forced).
-bool gemm_forward_supported(DType dtype, const ConvShape& shape);
-bool gemm_weight_grad_supported(DType dtype, const ConvShape& shape);
+// Plane GEMM, tensor cores, every dtype (dwconv_gemm.cu; fp32 as 3xTF32). launch_forward and
+// launch_weight_grad choose among it and the two GEMMs below by shape (the direct kernels only
+// when forced).
+bool gemm_forward_supported(const ConvShape& shape);
+bool gemm_weight_grad_supported(const ConvShape& shape);
 cudaError_t launch_forward_gemm(DType dtype, const void* x, const Filter& filter, void* y,
                                 const ConvShape& shape, cudaStream_t stream);
 cudaError_t launch_weight_grad_gemm(DType dtype, const void* x, const void* grad_out,

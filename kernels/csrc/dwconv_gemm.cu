@@ -1,5 +1,6 @@
-// Tensor-core depthwise convolution for fp16 / bf16 on tiny planes (at most 64 pixels: 7x7, 8x8):
-// each channel's convolution as one GEMM, the batch as M.
+// Tensor-core depthwise convolution on tiny planes (at most 64 pixels: 7x7, 8x8): each channel's
+// convolution as one GEMM, the batch as M. fp16 / bf16 run m16n8k16 MMAs; fp32 the same 16x16
+// tiles as 3xTF32 m16n8k8 MMAs (common.cuh), its operands split as they are loaded.
 //
 // Per channel, with the planes flattened (q = qy * W + qx over the input, p = py * Wo + px over the
 // output), out[n][p] = sum_q x[n][q] T[q][p], where T[q][p] = K[qy - py + ph][qx - px + pw] (zero
@@ -9,7 +10,7 @@
 //   in (no T in shared memory, no barrier for it), one shared-memory load per element: the kernel
 //   is staged zero-padded to every offset (qy - py, qx - px) the plane can have, so that tap's
 //   index is a difference of per-pixel codes, with no bounds checks;
-// - planes stored contiguously whose image stride is a multiple of 8 elements all start `shift`
+// - planes stored contiguously whose image stride is a multiple of 16 bytes all start `shift`
 //   elements past a 16-byte boundary, the same for every image of a channel: they are staged with
 //   16-byte cp.async copies from that boundary and the GEMM's k index runs over q + shift (the B
 //   fragments absorb it). The copies bring neighbouring planes' elements along; the forward zeroes
@@ -17,8 +18,8 @@
 //   are written two at a time by the same trick on the GEMM's n index.
 // The weight gradient is the transposed product G[p][q] = sum_n dy[n][p] x[n][q] (images as K),
 // then dw[i][j] = the sum of G over p of G[p][q] with q - p the shift of tap (i, j), one tap per
-// thread in a fixed order: deterministic, no atomics, no workspace. Inputs are 16-bit (exact
-// products), accumulation fp32.
+// thread in a fixed order: deterministic, no atomics, no workspace. Accumulation is fp32; fp32
+// tile products go through fresh accumulators as everywhere (common.cuh: Parts).
 #include "dwconv.h"
 #include "common.cuh"
 
@@ -28,84 +29,95 @@ namespace lknets {
 namespace {
 
 constexpr int kThreads = 128;          // 4 warps
-constexpr int kWarps = kThreads / 32;
 constexpr int kImages = 64;            // images per block (forward) or per step (weight grad)
 constexpr int kMaxCols = 64;           // staged columns: plane + shift, 4 k16 tiles
-constexpr int kPitch = kMaxCols + 8;   // staged row pitch (elements): ldmatrix without conflicts
 constexpr int kGPitch = kMaxCols + 4;  // weight grad: G in fp32
 constexpr int kMaxWindow = 1024;       // forward: offsets (qy - py, qx - px), fp32 taps
+static_assert(kThreads / 32 * 16 == kMaxCols, "a warp per 16 GEMM columns (rows of G)");
+
+template <typename T>
+constexpr int kVec = 16 / sizeof(T);  // elements per 16-byte copy
+// Staged row pitches (elements), chosen so that the fragment loads hit distinct banks: ldmatrix
+// rows 16 bytes past a multiple of 128 (16-bit: 144 bytes; fp32 forward, whose A loads are
+// ldmatrix on fp32 rows: 272), the fp32 weight gradient's scalar loads a pitch of 8 mod 32 words.
+template <typename T>
+constexpr int kForwardPitch = sizeof(T) == 4 ? 68 : 72;
+constexpr int kGradPitch = 72;
+// fp32 holds its split fragments in about twice the registers: half the resident blocks.
+template <typename T>
+constexpr int kMinBlocks = sizeof(T) == 4 ? 4 : 8;
 
 struct TinyParams {
   ConvShape s;
   int P, Q;              // output / input pixels per plane
   int wrows, wcols;      // forward: offsets qy - py + Ho - 1 < wrows, qx - px + Wo - 1 < wcols
-  bool in_vec, out_vec;  // planes contiguous, image stride a multiple of 8 elements
+  bool in_vec, out_vec;  // planes contiguous, image stride a multiple of 16 bytes
 };
 
-// Shift (0..7) of plane (0, c) past a 16-byte boundary, or -1 when the planes cannot be staged
-// with 16-byte copies (or the shifted plane would not fit the staged columns).
+// Shift (0 .. kVec - 1) of plane (0, c) past a 16-byte boundary, or -1 when the planes cannot be
+// staged with 16-byte copies (or the shifted plane would not fit the staged columns).
 template <typename T>
 __device__ __forceinline__ int staging_shift(const T* data, int64_t channel_offset, bool vec,
                                              int plane) {
   if (!vec) return -1;
-  const int shift =
-      static_cast<int>((reinterpret_cast<uintptr_t>(data) / sizeof(T) + channel_offset) & 7);
+  const int shift = static_cast<int>(
+      (reinterpret_cast<uintptr_t>(data) / sizeof(T) + channel_offset) & (kVec<T> - 1));
   return shift + plane <= kMaxCols ? shift : -1;
 }
 
-// Rows g < 64 of dst hold image n0 + g of the channel's planes (zero for images >= N), columns
-// [0, cols). shift >= 0: 16-byte cp.async copies from the boundary before each plane, column k =
-// element k - shift, complete after cp_async_wait_all(); shift < 0: element by element through the
-// strides, column k = element k, zero past the plane.
-template <typename T>
+// Rows g < 64 of dst (pitch Pitch) hold image n0 + g of the channel's planes (zero for images
+// >= N), columns [0, cols). shift >= 0: 16-byte cp.async copies from the boundary before each
+// plane, column k = element k - shift, complete after cp_async_wait_all(); shift < 0: element by
+// element through the strides, column k = element k, zero past the plane.
+template <int Pitch, typename T>
 __device__ __forceinline__ void stage_planes(T* dst, const T* __restrict__ channel,
                                             const int64_t* stride, int n0, int N, int plane,
                                             int w, int shift, int cols) {
   if (shift >= 0) {
-    const int chunks = cols / 8;
+    const int chunks = cols / kVec<T>;
     for (int e = threadIdx.x; e < kImages * chunks; e += kThreads) {
-      const int g = e / chunks, k = (e - g * chunks) * 8;
+      const int g = e / chunks, k = (e - g * chunks) * kVec<T>;
       const bool ok = n0 + g < N && k < shift + plane;
       const T* from = ok ? channel - shift + (n0 + g) * stride[0] + k : channel;
-      cp_async_16(dst + g * kPitch + k, from, ok);
+      cp_async_16(dst + g * Pitch + k, from, ok);
     }
     return;
   }
-  unsigned short* out = reinterpret_cast<unsigned short*>(dst);
   for (int e = threadIdx.x; e < kImages * cols; e += kThreads) {
     const int g = e / cols, q = e - g * cols, n = n0 + g;
-    unsigned short v = 0;
+    T v = from_float<T>(0.f);
     if (n < N && q < plane) {
       const int qy = q / w;
-      v = bits_of(channel[n * stride[0] + qy * stride[2] + (q - qy * w) * stride[3]]);
+      v = channel[n * stride[0] + qy * stride[2] + (q - qy * w) * stride[3]];
     }
-    out[g * kPitch + q] = v;
+    dst[g * Pitch + q] = v;
   }
 }
 
 // After cp_async_wait_all(): zeroes what this thread's copies of stage_planes brought in from
 // outside the planes (same work split as there).
-template <typename T>
+template <int Pitch, typename T>
 __device__ __forceinline__ void clear_neighbours(T* dst, int n0, int N, int plane, int shift,
                                                  int cols) {
-  const int chunks = cols / 8;
+  constexpr int kV = kVec<T>;
+  const int chunks = cols / kV;
   const T zero = from_float<T>(0.f);
   for (int e = threadIdx.x; e < kImages * chunks; e += kThreads) {
-    const int g = e / chunks, k = (e - g * chunks) * 8;
-    if (n0 + g >= N || k >= shift + plane || (k >= shift && k + 8 <= shift + plane)) continue;
+    const int g = e / chunks, k = (e - g * chunks) * kV;
+    if (n0 + g >= N || k >= shift + plane || (k >= shift && k + kV <= shift + plane)) continue;
 #pragma unroll
-    for (int u = 0; u < 8; ++u)
-      if (k + u < shift || k + u >= shift + plane) dst[g * kPitch + k + u] = zero;
+    for (int u = 0; u < kV; ++u)
+      if (k + u < shift || k + u >= shift + plane) dst[g * Pitch + k + u] = zero;
   }
 }
 
 // grid (C, ceil(N / 64)), 128 threads; dynamic shared memory: the padded kernel (fp32). Warp w
-// computes n tiles w and w + 4 (8 output columns each) for all 64 images.
+// computes GEMM columns 16 w .. 16 w + 15 (two n8 tiles) for all 64 images.
 template <typename T>
-__global__ void __launch_bounds__(kThreads, 8) tiny_forward_kernel(const T* __restrict__ x,
-                                                                   const Filter filter,
-                                                                   T* __restrict__ y,
-                                                                   TinyParams p) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks<T>) tiny_forward_kernel(
+    const T* __restrict__ x, const Filter filter, T* __restrict__ y, TinyParams p) {
+  constexpr bool kF32 = std::is_same<T, float>::value;
+  constexpr int kPitch = kForwardPitch<T>;
   __shared__ __align__(16) T xs[kImages * kPitch];
   // Window index of tap (qy - py, qx - px) = in_code[q] - out_code[p]; out_yx: (py, px) of p.
   __shared__ int in_code[kMaxCols], out_code[kMaxCols];
@@ -117,10 +129,10 @@ __global__ void __launch_bounds__(kThreads, 8) tiny_forward_kernel(const T* __re
   const int shift = staging_shift(x, in_offset, p.in_vec, p.Q);
   const int kx = max(shift, 0);
   const int cols = round_up(kx + p.Q, 16);
-  stage_planes(xs, x + in_offset, s.in_stride, n0, s.N, p.Q, s.W, shift, cols);
+  stage_planes<kPitch>(xs, x + in_offset, s.in_stride, n0, s.N, p.Q, s.W, shift, cols);
 
   // Output column n of the GEMM is pixel n - ey; with ey = the plane's parity, even columns are
-  // 4-byte aligned and two outputs go out in one store.
+  // aligned to two elements and two outputs go out in one store.
   const int out_shift = staging_shift(y, out_offset, p.out_vec, p.P);
   const bool pairs = out_shift >= 0 && (out_shift & 1) + p.P <= kMaxCols;
   const int ey = pairs ? out_shift & 1 : 0;
@@ -138,64 +150,62 @@ __global__ void __launch_bounds__(kThreads, 8) tiny_forward_kernel(const T* __re
   }
   __syncthreads();
 
-  // B fragments: lane holds T rows k = 16 kt + 2 (lane % 4) + {0, 1} (+8 in the second register)
-  // of column n = 8 nt + lane / 4.
+  // This warp's B fragments, T rows 16 kt .. 16 kt + 15 (pixels q = k - kx) of its columns.
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int n_tiles = ceil_div(ey + p.P, 8), k_tiles = cols / 16;
-  unsigned b[2][4][2];
+  int oc[2];
+  bool p_ok[2];
 #pragma unroll
-  for (int u = 0; u < 2; ++u) {
-    const int pp = (warp + kWarps * u) * 8 + lane / 4 - ey;
-    const bool p_ok = pp >= 0 && pp < p.P;
-    const int oc = out_code[p_ok ? pp : 0];
+  for (int h = 0; h < 2; ++h) {
+    const int pp = warp * 16 + h * 8 + lane / 4 - ey;
+    p_ok[h] = pp >= 0 && pp < p.P;
+    oc[h] = out_code[p_ok[h] ? pp : 0];
+  }
+  FragB<T> b[4];
 #pragma unroll
-    for (int kt = 0; kt < 4; ++kt) {
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        T v[2];
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int q = kt * 16 + r * 8 + 2 * (lane % 4) + e - kx;
-          const bool ok = p_ok && static_cast<unsigned>(q) < static_cast<unsigned>(p.Q);
-          v[e] = from_float<T>(ok ? window[in_code[q] - oc] : 0.f);
-        }
-        b[u][kt][r] = pack(v[0], v[1]);
-      }
-    }
+  for (int kt = 0; kt < 4; ++kt) {
+    fill_b(b[kt], lane, [&](int k, int n) {
+      const int q = kt * 16 + k - kx;
+      const bool ok = p_ok[n / 8] && static_cast<unsigned>(q) < static_cast<unsigned>(p.Q);
+      return ok ? window[in_code[q] - oc[n / 8]] : 0.f;
+    });
   }
 
   if (shift >= 0) {
     cp_async_wait_all();
-    clear_neighbours(xs, n0, s.N, p.Q, shift, cols);
+    clear_neighbours<kPitch>(xs, n0, s.N, p.Q, shift, cols);
   }
   __syncthreads();
+  if (warp * 16 >= ey + p.P) return;
 
   const float bias_c = filter_bias<T>(filter, c);
-  const int m_tiles = ceil_div(min(kImages, s.N - n0), 16);
+  const int m_tiles = ceil_div(min(kImages, s.N - n0), 16), k_tiles = cols / 16;
   for (int m = 0; m < m_tiles; ++m) {
-    unsigned a[4][4];
+    float acc[2][4] = {};
+    Parts<2> part;
 #pragma unroll
-    for (int kt = 0; kt < 4; ++kt)
-      if (kt < k_tiles) ldsm_x4(a[kt], xs + m * 16 * kPitch + kt * 16 + lane_offset(lane, kPitch));
+    for (int kt = 0; kt < 4; ++kt) {
+      if (kt >= k_tiles) continue;
+      FragA<T> a;
+      load_a(a, xs + m * 16 * kPitch + kt * 16, kPitch, lane);
+      if constexpr (kF32) {
+        add_tile_product<2>(part, a, b[kt], /*fresh=*/kt == 0);
+      } else {
+        mma_tile(acc, a, b[kt]);
+      }
+    }
+    if constexpr (kF32) add_parts<2>(acc, part);
+    // Accumulator element e of n8 tile h: image row lane / 4 + 8 (e / 2), column 2 (lane % 4) + e % 2.
 #pragma unroll
-    for (int u = 0; u < 2; ++u) {
-      const int nt = warp + kWarps * u;
-      if (nt >= n_tiles) continue;
-      float acc[4] = {};
+    for (int h = 0; h < 2; ++h) {
+      const int pp = warp * 16 + h * 8 + 2 * (lane % 4) - ey;
 #pragma unroll
-      for (int kt = 0; kt < 4; ++kt)
-        if (kt < k_tiles) mma<T>(acc, a[kt], b[u][kt][0], b[u][kt][1]);
-      // Accumulator element e: image row lane / 4 + 8 (e / 2), column 2 (lane % 4) + e % 2.
-      const int pp = nt * 8 + 2 * (lane % 4) - ey;
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int n = n0 + m * 16 + lane / 4 + 8 * h;
+      for (int half = 0; half < 2; ++half) {
+        const int n = n0 + m * 16 + lane / 4 + 8 * half;
         if (n >= s.N) continue;
-        const T v0 = from_float<T>(acc[2 * h] + bias_c);
-        const T v1 = from_float<T>(acc[2 * h + 1] + bias_c);
+        const float v0 = acc[h][2 * half] + bias_c, v1 = acc[h][2 * half + 1] + bias_c;
         T* plane = y + n * s.out_stride[0] + out_offset;
         if (pairs && pp >= 0 && pp + 1 < p.P) {
-          *reinterpret_cast<unsigned*>(plane + pp) = pack(v0, v1);
+          store_pair(plane + pp, v0, v1);
           continue;
         }
 #pragma unroll
@@ -203,7 +213,7 @@ __global__ void __launch_bounds__(kThreads, 8) tiny_forward_kernel(const T* __re
           const int q = pp + e;
           if (q < 0 || q >= p.P) continue;
           const int2 o = out_yx[q];
-          plane[o.x * s.out_stride[2] + o.y * s.out_stride[3]] = e ? v1 : v0;
+          plane[o.x * s.out_stride[2] + o.y * s.out_stride[3]] = from_float<T>(e ? v1 : v0);
         }
       }
     }
@@ -213,15 +223,13 @@ __global__ void __launch_bounds__(kThreads, 8) tiny_forward_kernel(const T* __re
 // grid (C), 128 threads; dw is (C, kh, kw) contiguous. Warp w computes G rows 16 w .. 16 w + 15
 // (output pixels, shifted like the staged dy) against every staged x column.
 template <typename T>
-__global__ void __launch_bounds__(kThreads, 8) tiny_weight_grad_kernel(const T* __restrict__ x,
-                                                                    const T* __restrict__ dy,
-                                                                    T* __restrict__ dw,
-                                                                    TinyParams p) {
-  constexpr int kStagedBytes = 2 * kImages * kPitch * 2;
+__global__ void __launch_bounds__(kThreads, kMinBlocks<T>) tiny_weight_grad_kernel(
+    const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ dw, TinyParams p) {
+  constexpr int kStagedBytes = 2 * kImages * kGradPitch * sizeof(T);
   static_assert(kStagedBytes >= kMaxCols * kGPitch * 4, "G reuses the staging buffers");
   __shared__ __align__(16) unsigned char raw[kStagedBytes];
   T* xs = reinterpret_cast<T*>(raw);
-  T* ds = xs + kImages * kPitch;
+  T* ds = xs + kImages * kGradPitch;
   float* gs = reinterpret_cast<float*>(raw);
   const ConvShape& s = p.s;
   const int c = blockIdx.x;
@@ -233,36 +241,38 @@ __global__ void __launch_bounds__(kThreads, 8) tiny_weight_grad_kernel(const T* 
 
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const bool active = warp * 16 < d_cols;
-  float acc[8][4] = {};
+  float acc[4][2][4] = {};
   for (int n0 = 0; n0 < s.N; n0 += kImages) {
     __syncthreads();  // the previous images' products are done with xs and ds
-    stage_planes(xs, x + in_offset, s.in_stride, n0, s.N, p.Q, s.W, x_shift, x_cols);
-    stage_planes(ds, dy + out_offset, s.out_stride, n0, s.N, p.P, s.Wo, d_shift, d_cols);
+    stage_planes<kGradPitch>(xs, x + in_offset, s.in_stride, n0, s.N, p.Q, s.W, x_shift, x_cols);
+    stage_planes<kGradPitch>(ds, dy + out_offset, s.out_stride, n0, s.N, p.P, s.Wo, d_shift,
+                             d_cols);
     cp_async_wait_all();
     __syncthreads();
     if (!active) continue;
     const int k_tiles = ceil_div(min(kImages, s.N - n0), 16);
     for (int kt = 0; kt < k_tiles; ++kt) {
-      unsigned a[4];
-      ldsm_x4_trans(a, ds + kt * 16 * kPitch + warp * 16 + lane_offset_transposed_a(lane, kPitch));
+      FragA<T> a;
+      load_a_trans(a, ds + kt * 16 * kGradPitch + warp * 16, kGradPitch, lane);
 #pragma unroll
       for (int nt = 0; nt < 4; ++nt) {
         if (nt * 16 >= x_cols) continue;
-        unsigned b[4];
-        ldsm_x4_trans(b, xs + kt * 16 * kPitch + nt * 16 + lane_offset(lane, kPitch));
-        mma<T>(acc[2 * nt], a, b[0], b[1]);
-        mma<T>(acc[2 * nt + 1], a, b[2], b[3]);
+        FragB<T> b;
+        load_b(b, xs + kt * 16 * kGradPitch + nt * 16, kGradPitch, lane);
+        mma_tile(acc[nt], a, b);
       }
     }
   }
   __syncthreads();
   if (active) {
 #pragma unroll
-    for (int nt = 0; nt < 8; ++nt) {
-      float* g = gs + (warp * 16 + lane / 4) * kGPitch + nt * 8 + 2 * (lane % 4);
-      *reinterpret_cast<float2*>(g) = make_float2(acc[nt][0], acc[nt][1]);
-      *reinterpret_cast<float2*>(g + 8 * kGPitch) = make_float2(acc[nt][2], acc[nt][3]);
-    }
+    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float* g = gs + (warp * 16 + lane / 4) * kGPitch + nt * 16 + h * 8 + 2 * (lane % 4);
+        *reinterpret_cast<float2*>(g) = make_float2(acc[nt][h][0], acc[nt][h][1]);
+        *reinterpret_cast<float2*>(g + 8 * kGPitch) = make_float2(acc[nt][h][2], acc[nt][h][3]);
+      }
   }
   __syncthreads();
   T* out = dw + static_cast<int64_t>(c) * s.kh * s.kw;
@@ -280,10 +290,11 @@ __global__ void __launch_bounds__(kThreads, 8) tiny_weight_grad_kernel(const T* 
   }
 }
 
-bool vector_planes(const int64_t* stride, int h, int w) {
-  return stride[3] == 1 && (h == 1 || stride[2] == w) && stride[0] % 8 == 0;
+bool vector_planes(const int64_t* stride, int h, int w, int vec) {
+  return stride[3] == 1 && (h == 1 || stride[2] == w) && stride[0] % vec == 0;
 }
 
+template <typename T>
 TinyParams plan_tiny(const ConvShape& s) {
   TinyParams p{};
   p.s = s;
@@ -291,8 +302,8 @@ TinyParams plan_tiny(const ConvShape& s) {
   p.Q = s.H * s.W;
   p.wrows = s.H + s.Ho - 1;
   p.wcols = s.W + s.Wo - 1;
-  p.in_vec = vector_planes(s.in_stride, s.H, s.W);
-  p.out_vec = vector_planes(s.out_stride, s.Ho, s.Wo);
+  p.in_vec = vector_planes(s.in_stride, s.H, s.W, kVec<T>);
+  p.out_vec = vector_planes(s.out_stride, s.Ho, s.Wo, kVec<T>);
   return p;
 }
 
@@ -303,7 +314,7 @@ bool tiny_planes(const ConvShape& s) {
 template <typename T>
 cudaError_t gemm_forward_typed(const void* x, const Filter& filter, void* y, const ConvShape& s,
                                cudaStream_t stream) {
-  const TinyParams p = plan_tiny(s);
+  const TinyParams p = plan_tiny<T>(s);
   const dim3 grid(s.C, ceil_div(s.N, kImages));
   tiny_forward_kernel<T><<<grid, kThreads, 4 * p.wrows * p.wcols, stream>>>(
       static_cast<const T*>(x), filter, static_cast<T*>(y), p);
@@ -314,25 +325,22 @@ template <typename T>
 cudaError_t gemm_weight_grad_typed(const void* x, const void* dy, void* dw, const ConvShape& s,
                                    cudaStream_t stream) {
   tiny_weight_grad_kernel<T><<<s.C, kThreads, 0, stream>>>(
-      static_cast<const T*>(x), static_cast<const T*>(dy), static_cast<T*>(dw), plan_tiny(s));
+      static_cast<const T*>(x), static_cast<const T*>(dy), static_cast<T*>(dw), plan_tiny<T>(s));
   return cudaGetLastError();
 }
 
 }  // namespace
 
-bool gemm_forward_supported(DType dtype, const ConvShape& s) {
-  if (dtype == DType::kFloat32 || !tiny_planes(s)) return false;
-  const TinyParams p = plan_tiny(s);
-  return p.wrows * p.wcols <= kMaxWindow;
+bool gemm_forward_supported(const ConvShape& s) {
+  return tiny_planes(s) && (s.H + s.Ho - 1) * (s.W + s.Wo - 1) <= kMaxWindow;
 }
 
-bool gemm_weight_grad_supported(DType dtype, const ConvShape& s) {
-  return dtype != DType::kFloat32 && tiny_planes(s);
-}
+bool gemm_weight_grad_supported(const ConvShape& s) { return tiny_planes(s); }
 
 cudaError_t launch_forward_gemm(DType dtype, const void* x, const Filter& filter, void* y,
                                 const ConvShape& shape, cudaStream_t stream) {
   switch (dtype) {
+    case DType::kFloat32: return gemm_forward_typed<float>(x, filter, y, shape, stream);
     case DType::kFloat16: return gemm_forward_typed<__half>(x, filter, y, shape, stream);
     case DType::kBFloat16:
       return gemm_forward_typed<__nv_bfloat16>(x, filter, y, shape, stream);
@@ -343,6 +351,8 @@ cudaError_t launch_forward_gemm(DType dtype, const void* x, const Filter& filter
 cudaError_t launch_weight_grad_gemm(DType dtype, const void* x, const void* grad_out,
                                     void* grad_weight, const ConvShape& shape, cudaStream_t stream) {
   switch (dtype) {
+    case DType::kFloat32:
+      return gemm_weight_grad_typed<float>(x, grad_out, grad_weight, shape, stream);
     case DType::kFloat16:
       return gemm_weight_grad_typed<__half>(x, grad_out, grad_weight, shape, stream);
     case DType::kBFloat16:

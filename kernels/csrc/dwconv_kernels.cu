@@ -412,11 +412,11 @@ Algo choose(const ConvShape& s, bool plane_gemm_supported) {
 }
 
 Algo choose_forward(DType dtype, const ConvShape& s) {
-  return choose(s, gemm_forward_supported(dtype, s));
+  return choose(s, gemm_forward_supported(s));
 }
 
 Algo choose_weight_grad(DType dtype, const ConvShape& s) {
-  return choose(s, gemm_weight_grad_supported(dtype, s));
+  return choose(s, gemm_weight_grad_supported(s));
 }
 
 }  // namespace
