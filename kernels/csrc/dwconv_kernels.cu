@@ -394,11 +394,13 @@ Algo forced_algo() {
   return Algo::kAuto;
 }
 
-// Where each formulation measured fastest (H100, benchmarks/RESULTS.md): the plane GEMM (16-bit
-// only) for planes of up to 64 pixels, the small-plane GEMM up to 16x16, the row-Toeplitz GEMM
-// beyond (fp32 on both as 3xTF32). The direct kernels only run when forced. A forced formulation
-// that does not take the shape falls back to the row-Toeplitz GEMM, which takes every shape.
-Algo choose(const ConvShape& s, bool plane_gemm_supported) {
+// Where each formulation measured fastest (H100, benchmarks/RESULTS.md): the plane GEMM for planes
+// of up to 64 pixels, the small-plane GEMM up to 16x16, the row-Toeplitz GEMM beyond (fp32 on all
+// three as 3xTF32). fp32 planes whose rows are strided (channels_last) stay on the small-plane
+// GEMM, which stages them faster (RepLKNet-31B stage 4 f+b 0.258 vs 0.315 ms). The direct kernels
+// only run when forced. A forced formulation that does not take the shape falls back to the
+// row-Toeplitz GEMM, which takes every shape.
+Algo choose(DType dtype, const ConvShape& s, bool plane_gemm_supported) {
   const bool small = small_supported(s);
   switch (forced_algo()) {
     case Algo::kDirect: return Algo::kDirect;
@@ -407,16 +409,17 @@ Algo choose(const ConvShape& s, bool plane_gemm_supported) {
     case Algo::kRows: return Algo::kRows;
     default: break;
   }
-  if (plane_gemm_supported && s.H * s.W <= 8 * 8) return Algo::kGemm;
+  const bool rows_strided = dtype == DType::kFloat32 && s.in_stride[3] != 1;
+  if (plane_gemm_supported && s.H * s.W <= 8 * 8 && !rows_strided) return Algo::kGemm;
   return small ? Algo::kSmall : Algo::kRows;
 }
 
 Algo choose_forward(DType dtype, const ConvShape& s) {
-  return choose(s, gemm_forward_supported(s));
+  return choose(dtype, s, gemm_forward_supported(s));
 }
 
 Algo choose_weight_grad(DType dtype, const ConvShape& s) {
-  return choose(s, gemm_weight_grad_supported(s));
+  return choose(dtype, s, gemm_weight_grad_supported(s));
 }
 
 }  // namespace
