@@ -222,7 +222,7 @@ ALGO_SHAPES = [
     ((4, 5, 14, 11), (13, 3)),       # small plane, tall kernel (not transposed on small planes)
     ((5, 3, 14, 12), (47, 5)),       # kernel rows past the plane's reach: zero weight gradient
     ((66, 4, 9, 16), (27, 27)),      # small plane, kernel larger than the image, two image blocks
-    ((67, 8, 7, 7), (13, 13)),       # plane GEMM: 16-byte staging, all 8 (fp32: 4) shifts, two blocks
+    ((67, 8, 7, 7), (13, 13)),       # plane GEMM: 16-byte staging, every shift, two image blocks
     ((5, 3, 8, 8), (3, 3)),          # plane GEMM: 64-pixel planes
     ((2, 16, 1, 50), (1, 31)),       # plane GEMM: one-row planes, shifts 0 / 2 / 4 / 6
     ((4, 8, 6, 9), (5, 3)),          # plane GEMM: H/W-transposed view, staged element by element

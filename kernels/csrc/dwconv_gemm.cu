@@ -194,7 +194,8 @@ __global__ void __launch_bounds__(kThreads, kMinBlocks<T>) tiny_forward_kernel(
       }
     }
     if constexpr (kF32) add_parts<2>(acc, part);
-    // Accumulator element e of n8 tile h: image row lane / 4 + 8 (e / 2), column 2 (lane % 4) + e % 2.
+    // Accumulator element e of n8 tile h: image row lane / 4 + 8 (e / 2), column
+    // 2 (lane % 4) + e % 2.
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int pp = warp * 16 + h * 8 + 2 * (lane % 4) - ey;
