@@ -6,10 +6,9 @@ cached, on the first call that runs on a GPU. Eager calls on plain CUDA tensors 
 autograd.Function over the same extension ops (host time). The weight gradient is deterministic:
 per-block partial sums are reduced in a fixed order, with no atomics.
 
-The extension runs fp16/bf16 on one of three tensor-core (GEMM) formulations chosen by plane size:
-the plane GEMM up to 64 pixels (8x8), the small-plane GEMM up to 16x16, the row-Toeplitz GEMM
-beyond; fp32 on the small-plane GEMM in 3xTF32 up to 16x16 and on a direct CUDA-core kernel beyond
-(see benchmarks/RESULTS.md). The environment variable
+The extension runs every dtype on one of three tensor-core (GEMM) formulations chosen by plane
+size: the plane GEMM up to 64 pixels (8x8), the small-plane GEMM up to 16x16, the row-Toeplitz
+GEMM beyond (fp32 as 3xTF32; see benchmarks/RESULTS.md). The environment variable
 ``LKNETS_DWCONV_ALGO=direct|gemm|small|rows`` forces one where it takes the shape (benchmarks,
 tests). The tensor-core paths are NCHW-native: other layouts are read and written through strides.
 """
