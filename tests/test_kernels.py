@@ -205,9 +205,12 @@ def test_all_directions_match_float64(shape, k, dtype):
 # are staged with 16-byte copies from the 16-byte boundary before each plane (the shift differs per
 # channel), others element by element; the small-plane GEMM (default up to 16x16) on planes of up
 # to 16x16 in forward blocks of 32 images and weight-grad steps of 32 or 64 (fp32: 3xTF32, staged
-# element by element, weight-grad steps of 32); the row-Toeplitz GEMM (default beyond) tiles outputs
-# in blocks of up to 64 x 64, skips band tiles and padding rows, and reads H/W-transposed views with
-# vectors down their columns (fp32 everywhere as 3xTF32).
+# element by element, weight-grad steps of 32); the mid-plane GEMM (fp32 only, default for 17 to 32
+# columns) in forward blocks of 16 images and up to 16 output rows, weight-grad blocks of 8 images,
+# rows staged with 16-byte copies when whole 16-byte chunks make up a row, else element by element;
+# the row-Toeplitz GEMM (default beyond) tiles outputs in blocks of up to 64 x 64, skips band tiles
+# and padding rows, and reads H/W-transposed views with vectors down their columns (fp32 everywhere
+# as 3xTF32).
 ALGO_SHAPES = [
     ((70, 5, 16, 16), (13, 13)),     # largest small-plane GEMM plane, three image blocks
     ((3, 6, 17, 15), (13, 13)),      # just over the small-plane GEMM's limit
@@ -226,11 +229,16 @@ ALGO_SHAPES = [
     ((5, 3, 8, 8), (3, 3)),          # plane GEMM: 64-pixel planes
     ((2, 16, 1, 50), (1, 31)),       # plane GEMM: one-row planes, shifts 0 / 2 / 4 / 6
     ((4, 8, 6, 9), (5, 3)),          # plane GEMM: H/W-transposed view, staged element by element
+    ((18, 5, 28, 28), (29, 29)),     # mid-plane GEMM: two image blocks, two row blocks
+    ((3, 4, 24, 24), (27, 27)),      # mid-plane GEMM: three 8-column chunks
+    ((2, 3, 21, 17), (7, 5)),        # mid-plane GEMM: odd width, band of one chunk pair
+    ((5, 3, 40, 32), (9, 31)),       # mid-plane GEMM: 32 columns, three row blocks
+    ((9, 2, 30, 26), (63, 63)),      # mid-plane GEMM: kernel larger than the plane
 ]
 
 
 @gpu
-@pytest.mark.parametrize("algo", ["direct", "gemm", "rows", "small"])
+@pytest.mark.parametrize("algo", ["direct", "gemm", "rows", "small", "mid"])
 @pytest.mark.parametrize("shape,k", ALGO_SHAPES, ids=[f"{s}-{k[0]}x{k[1]}" for s, k in ALGO_SHAPES])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
                          ids=["fp32", "fp16", "bf16"])
@@ -292,11 +300,13 @@ def test_neighbouring_planes_do_not_leak(algo, dtype, monkeypatch):
 
 
 @gpu
-@pytest.mark.parametrize("algo", ["gemm", "rows", "small"])
+@pytest.mark.parametrize("algo", ["gemm", "rows", "small", "mid"])
 @pytest.mark.parametrize("pad", [(0, 0), (2, 7), (9, 9)])
 def test_tensor_core_explicit_padding(pad, algo, monkeypatch):
     monkeypatch.setenv("LKNETS_DWCONV_ALGO", algo)
-    shape = (2, 5, 9, 8) if algo == "small" else (2, 5, 17, 15)  # small: planes of <= 16x16
+    # small: planes of <= 16x16; mid: 17 to 32 columns (fp32 only, 16-bit runs the row-Toeplitz
+    # GEMM), with padding 0 an input of 21 and an output of 15 columns.
+    shape = {"small": (2, 5, 9, 8), "mid": (2, 5, 17, 21)}.get(algo, (2, 5, 17, 15))
     _check_all_directions(shape, (7, 7), torch.float16, "nchw", pad=pad, bias=False)
     # fp32: 3xTF32 (forced gemm on these planes of over 64 pixels: the row-Toeplitz GEMM)
     _check_all_directions(shape, (7, 7), torch.float32, "nchw", pad=pad, bias=False)
@@ -330,9 +340,10 @@ def test_explicit_padding(pad, monkeypatch):
 @pytest.mark.parametrize("size,k,dtype,algo", [(28, 29, torch.bfloat16, "auto"),  # row-Toeplitz GEMM
                                                (14, 27, torch.bfloat16, "auto"),  # small-plane GEMM
                                                (14, 27, torch.float32, "auto"),   # 3xTF32 small
-                                               (28, 29, torch.float32, "auto"),   # 3xTF32 rows
+                                               (28, 29, torch.float32, "auto"),   # 3xTF32 mid
+                                               (56, 31, torch.float32, "auto"),   # 3xTF32 rows
                                                (28, 29, torch.float32, "direct")],
-                         ids=["rows", "small", "small-fp32", "rows-fp32", "direct"])
+                         ids=["rows", "small", "small-fp32", "mid-fp32", "rows-fp32", "direct"])
 def test_weight_grad_is_deterministic(size, k, dtype, algo, monkeypatch):
     monkeypatch.setenv("LKNETS_DWCONV_ALGO", algo)
     x = torch.randn(80, 32, size, size, device="cuda", dtype=dtype)

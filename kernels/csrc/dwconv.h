@@ -73,6 +73,18 @@ cudaError_t launch_weight_grad_small(DType dtype, const void* x, const void* gra
                                      void* grad_weight, const ConvShape& shape,
                                      cudaStream_t stream);
 
+// Mid-plane tensor-core formulation (dwconv_mid.cu), fp32 only (3xTF32): planes of 17 to 32
+// columns, the batch as M, rows in 8-column chunks. Its weight gradient reduces per-block partial
+// sums from `workspace` (mid_weight_grad_workspace_floats() floats) in a fixed order.
+bool mid_forward_supported(const ConvShape& shape);
+bool mid_weight_grad_supported(const ConvShape& shape);
+int64_t mid_weight_grad_workspace_floats(const ConvShape& shape);
+cudaError_t launch_forward_mid(const void* x, const Filter& filter, void* y,
+                               const ConvShape& shape, cudaStream_t stream);
+cudaError_t launch_weight_grad_mid(const void* x, const void* grad_out, float* workspace,
+                                   void* grad_weight, const ConvShape& shape,
+                                   cudaStream_t stream);
+
 // out[i] = sum over k < num_partials of partials[k * count + i], in that order, cast to `dtype`.
 cudaError_t launch_reduce_partials(DType dtype, const float* partials, int num_partials,
                                    int64_t count, void* out, cudaStream_t stream);

@@ -380,9 +380,9 @@ cudaError_t weight_grad_typed(const void* x, const void* dy, float* workspace, v
                                 int64_t(s.C) * s.kh * s.kw, dw, stream);
 }
 
-enum class Algo { kAuto, kDirect, kGemm, kRows, kSmall };
+enum class Algo { kAuto, kDirect, kGemm, kRows, kSmall, kMid };
 
-// LKNETS_DWCONV_ALGO=direct|gemm|rows|small forces one formulation where it applies (benchmarks, tests);
+// LKNETS_DWCONV_ALGO=direct|gemm|rows|small|mid forces one formulation where it applies (benchmarks, tests);
 // unset or anything else: by shape.
 Algo forced_algo() {
   const char* v = std::getenv("LKNETS_DWCONV_ALGO");
@@ -391,6 +391,7 @@ Algo forced_algo() {
   if (std::strcmp(v, "gemm") == 0) return Algo::kGemm;
   if (std::strcmp(v, "rows") == 0) return Algo::kRows;
   if (std::strcmp(v, "small") == 0) return Algo::kSmall;
+  if (std::strcmp(v, "mid") == 0) return Algo::kMid;
   return Algo::kAuto;
 }
 
@@ -400,26 +401,29 @@ Algo forced_algo() {
 // GEMM, which stages them faster (RepLKNet-31B stage 4 f+b 0.258 vs 0.315 ms). The direct kernels
 // only run when forced. A forced formulation that does not take the shape falls back to the
 // row-Toeplitz GEMM, which takes every shape.
-Algo choose(DType dtype, const ConvShape& s, bool plane_gemm_supported) {
+Algo choose(DType dtype, const ConvShape& s, bool plane_gemm_supported, bool mid_supported) {
   const bool small = small_supported(s);
+  const bool mid = dtype == DType::kFloat32 && mid_supported;
   switch (forced_algo()) {
     case Algo::kDirect: return Algo::kDirect;
     case Algo::kGemm: return plane_gemm_supported ? Algo::kGemm : Algo::kRows;
     case Algo::kSmall: return small ? Algo::kSmall : Algo::kRows;
     case Algo::kRows: return Algo::kRows;
+    case Algo::kMid: return mid ? Algo::kMid : Algo::kRows;
     default: break;
   }
   const bool rows_strided = dtype == DType::kFloat32 && s.in_stride[3] != 1;
   if (plane_gemm_supported && s.H * s.W <= 8 * 8 && !rows_strided) return Algo::kGemm;
+  if (mid && !rows_strided) return Algo::kMid;
   return small ? Algo::kSmall : Algo::kRows;
 }
 
 Algo choose_forward(DType dtype, const ConvShape& s) {
-  return choose(dtype, s, gemm_forward_supported(s));
+  return choose(dtype, s, gemm_forward_supported(s), mid_forward_supported(s));
 }
 
 Algo choose_weight_grad(DType dtype, const ConvShape& s) {
-  return choose(dtype, s, gemm_weight_grad_supported(s));
+  return choose(dtype, s, gemm_weight_grad_supported(s), mid_weight_grad_supported(s));
 }
 
 }  // namespace
@@ -430,6 +434,7 @@ cudaError_t launch_forward(DType dtype, const void* x, const Filter& filter, voi
     case Algo::kGemm: return launch_forward_gemm(dtype, x, filter, y, shape, stream);
     case Algo::kRows: return launch_forward_rows(dtype, x, filter, y, shape, stream);
     case Algo::kSmall: return launch_forward_small(dtype, x, filter, y, shape, stream);
+    case Algo::kMid: return launch_forward_mid(x, filter, y, shape, stream);
     default: break;
   }
   switch (dtype) {
@@ -444,6 +449,7 @@ int64_t weight_grad_workspace_floats(DType dtype, const ConvShape& shape) {
   switch (choose_weight_grad(dtype, shape)) {
     case Algo::kGemm: return 0;
     case Algo::kSmall: return 0;
+    case Algo::kMid: return mid_weight_grad_workspace_floats(shape);
     case Algo::kRows: return rows_weight_grad_workspace_floats(dtype, shape, device_sms());
     default: break;
   }
@@ -461,6 +467,8 @@ cudaError_t launch_weight_grad(DType dtype, const void* x, const void* grad_out,
                                      device_sms(), stream);
     case Algo::kSmall:
       return launch_weight_grad_small(dtype, x, grad_out, grad_weight, shape, stream);
+    case Algo::kMid:
+      return launch_weight_grad_mid(x, grad_out, workspace, grad_weight, shape, stream);
     default: break;
   }
   switch (dtype) {
