@@ -234,6 +234,9 @@ ALGO_SHAPES = [
     ((2, 3, 21, 17), (7, 5)),        # mid-plane GEMM: odd width, band of one chunk pair
     ((5, 3, 40, 32), (9, 31)),       # mid-plane GEMM: 32 columns, three row blocks
     ((9, 2, 30, 26), (63, 63)),      # mid-plane GEMM: kernel larger than the plane
+    ((10, 3, 45, 56), (31, 31)),     # mid-plane GEMM, wide forward: two image blocks, odd Ho
+    ((3, 4, 20, 37), (7, 21)),       # wide forward: odd width (element by element), 5 chunks
+    ((2, 3, 33, 64), (5, 47)),       # wide forward: 8 chunks, chunk pairs up to 3 apart
 ]
 
 

@@ -73,9 +73,10 @@ cudaError_t launch_weight_grad_small(DType dtype, const void* x, const void* gra
                                      void* grad_weight, const ConvShape& shape,
                                      cudaStream_t stream);
 
-// Mid-plane tensor-core formulation (dwconv_mid.cu), fp32 only (3xTF32): planes of 17 to 32
-// columns, the batch as M, rows in 8-column chunks. Its weight gradient reduces per-block partial
-// sums from `workspace` (mid_weight_grad_workspace_floats() floats) in a fixed order.
+// Mid-plane tensor-core formulation (dwconv_mid.cu), fp32 only (3xTF32): the batch as M, rows in
+// 8-column chunks; forward on planes of 17 to 64 columns (kernel taps reaching at most 24 columns),
+// weight gradient on 17 to 32. Its weight gradient reduces per-block partial sums from `workspace`
+// (mid_weight_grad_workspace_floats() floats) in a fixed order.
 bool mid_forward_supported(const ConvShape& shape);
 bool mid_weight_grad_supported(const ConvShape& shape);
 int64_t mid_weight_grad_workspace_floats(const ConvShape& shape);

@@ -397,9 +397,12 @@ Algo forced_algo() {
 
 // Where each formulation measured fastest (H100, benchmarks/RESULTS.md): the plane GEMM for planes
 // of up to 64 pixels, the small-plane GEMM up to 16x16, the row-Toeplitz GEMM beyond (fp32 on all
-// three as 3xTF32). fp32 planes whose rows are strided (channels_last) stay on the small-plane
-// GEMM, which stages them faster (RepLKNet-31B stage 4 f+b 0.258 vs 0.315 ms). The direct kernels
-// only run when forced. A forced formulation that does not take the shape falls back to the
+// three as 3xTF32), except that fp32 runs the mid-plane GEMM where it takes the shape (forward 17
+// to 64 columns, weight gradient 17 to 32): RepLKNet-31B f+b stage 1 5.36 -> 3.73 ms, stage 2
+// 2.27 -> 1.00. fp32 planes whose rows are strided (channels_last) stay on the small-plane or
+// row-Toeplitz GEMM (the plane GEMM stages them slower: RepLKNet-31B stage 4 f+b 0.315 vs 0.258 ms
+// on the small-plane GEMM; the mid-plane GEMM is not measured there). The direct kernels only run
+// when forced. A forced formulation that does not take the shape falls back to the
 // row-Toeplitz GEMM, which takes every shape.
 Algo choose(DType dtype, const ConvShape& s, bool plane_gemm_supported, bool mid_supported) {
   const bool small = small_supported(s);

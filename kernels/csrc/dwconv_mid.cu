@@ -1,17 +1,20 @@
-// Mid-plane tensor-core formulation for fp32 (3xTF32, common.cuh): planes of 17 to 32 columns
-// (RepLKNet-31B's 28x28 stage 2, its 24x24 stage 3 at 384), the batch as M.
+// Mid-plane tensor-core formulation for fp32 (3xTF32, common.cuh), the batch as M: forward on
+// planes of 17 to 64 columns (RepLKNet-31B's 56x56 and 28x28 stages, its 48x48 and 24x24 stages at
+// 384), weight gradient on 17 to 32 columns.
 //
 // As in the small-plane GEMM, out[n][oy][:] = sum over input rows qy of x[n][qy][:] T_{qy - oy + ph}
 // with T_i the Toeplitz matrix of kernel row i (input columns x output columns), but an image row
-// is cut into C = 3 or 4 chunks of 8 columns, the k and n of the m16n8k8 TF32 MMA: a 24-column
+// is cut into C = 3 .. 8 chunks of 8 columns, the k and n of the m16n8k8 TF32 MMA: a 24-column
 // plane multiplies 24 columns, where 16-wide tiles (the row-Toeplitz GEMM's rows and columns)
 // multiply 32 x 32, and the chunk pairs off the kernel's band are skipped (D below). A chunk pair
 // (a, b) of T_i depends only on d = a - b, and lane (g, t) holds its taps q - p = 8d + t - g and
 // 8d + t - g + 4, so one kernel row's B fragments for every chunk pair are 4D + 2 taps per lane,
 // read already split from a table of the kernel in shared memory.
-// Forward: a block owns one channel, 16 images and up to 16 output rows (two per warp); it stages
-// the input rows in their reach once, and per input row a warp splits its A fragments once for
-// both of its output rows.
+// Forward up to 32 columns (mid_forward_kernel): a block owns one channel, 16 images and up to 16
+// output rows (two per warp); it stages the input rows in their reach once, and per input row a
+// warp splits its A fragments once for both of its output rows. Wider planes (wide_forward_kernel)
+// pair two output rows of 8 images in one M tile instead, which halves the staged rows (see there);
+// at 28x28 that ran slower than the mid forward (H100, forward 0.400 against 0.346 ms).
 // Weight gradient: G_i[ox][qx] = sum over images and output rows of dy[n][oy][ox] x[n][oy + i - ph]
 // [qx] (M = output columns in two m16 tiles, N = input columns in C chunks, K = 8 images), and
 // dw[i][j] = the sum of G_i's diagonal j. A block owns one channel and 8 images, stages all their
@@ -32,6 +35,9 @@ constexpr int kForwardImages = 16;
 // multiple of 128: conflict-free), the weight gradient's fragments scalar loads of rows (t, t + 4)
 // and columns g (8 mod 32 words apart: conflict-free), as are its scratch tile's 8-byte stores.
 constexpr int kForwardPitch = 36;
+constexpr int kWideCols = 64;
+constexpr int kWideImages = 8;
+constexpr int kWidePitch = 68;
 constexpr int kGradImages = 8;
 constexpr int kGradPitch = 40;
 constexpr int kScratchPitch = 40;
@@ -53,29 +59,30 @@ struct MidParams {
 };
 
 // rows x Images rows of dst (pitch Pitch) hold rows q0 .. q0 + rows - 1 of images n0 ..
-// n0 + Images - 1, columns 0 .. 31 (zero at columns >= w and images >= N), after
-// cp_async_wait_all. `vec`: 16-byte copies (rows contiguous and 16-byte aligned, w % 4 == 0).
-template <int Images, int Pitch>
+// n0 + Images - 1, columns 0 .. Cols - 1 (zero at rows outside [0, h), columns >= w and images
+// >= N), after cp_async_wait_all. `vec`: 16-byte copies (rows contiguous and 16-byte aligned,
+// w % 4 == 0).
+template <int Images, int Pitch, int Cols>
 __device__ __forceinline__ void stage_rows(float* dst, const float* __restrict__ src,
                                            const int64_t* stride, int c, int n0, int N, int q0,
-                                           int rows, int w, bool vec) {
+                                           int rows, int h, int w, bool vec) {
   const float* channel = src + c * stride[1];
   if (vec) {
-    constexpr int kChunks = kMaxCols / 4;
+    constexpr int kChunks = Cols / 4;
     for (int e = threadIdx.x; e < rows * Images * kChunks; e += blockDim.x) {
-      const int v = e % kChunks, g = (e / kChunks) % Images, r = e / (kChunks * Images);
-      const bool ok = 4 * v < w && n0 + g < N;
-      const float* from = ok ? channel + (n0 + g) * stride[0] + (q0 + r) * stride[2] + 4 * v : channel;
-      cp_async_16(dst + (r * Images + g) * Pitch + 4 * v, from, ok);
+      const int v = e % kChunks, g = (e / kChunks) % Images, q = q0 + e / (kChunks * Images);
+      const bool ok = 4 * v < w && n0 + g < N && q >= 0 && q < h;
+      const float* from = ok ? channel + (n0 + g) * stride[0] + q * stride[2] + 4 * v : channel;
+      cp_async_16(dst + ((q - q0) * Images + g) * Pitch + 4 * v, from, ok);
     }
     return;
   }
-  for (int e = threadIdx.x; e < rows * Images * kMaxCols; e += blockDim.x) {
-    const int col = e % kMaxCols, g = (e / kMaxCols) % Images, r = e / (kMaxCols * Images);
-    const bool ok = col < w && n0 + g < N;
+  for (int e = threadIdx.x; e < rows * Images * Cols; e += blockDim.x) {
+    const int col = e % Cols, g = (e / Cols) % Images, q = q0 + e / (Cols * Images);
+    const bool ok = col < w && n0 + g < N && q >= 0 && q < h;
     const float* from =
-        ok ? channel + (n0 + g) * stride[0] + (q0 + r) * stride[2] + col * stride[3] : channel;
-    cp_async_4(dst + (r * Images + g) * Pitch + col, from, ok);
+        ok ? channel + (n0 + g) * stride[0] + q * stride[2] + col * stride[3] : channel;
+    cp_async_4(dst + ((q - q0) * Images + g) * Pitch + col, from, ok);
   }
 }
 
@@ -83,6 +90,72 @@ __device__ __forceinline__ void split_fragment(const float (&v)[4], unsigned (&h
                                                unsigned (&lo)[4]) {
 #pragma unroll
   for (int r = 0; r < 4; ++r) split_tf32(v[r], hi[r], lo[r]);
+}
+
+// The kernel table of channel c (kTapCols columns per kernel row, split).
+__device__ __forceinline__ void stage_taps(float2* taps, const Filter& filter, int c,
+                                           const ConvShape& s) {
+  for (int e = threadIdx.x; e < s.kh * kTapCols; e += blockDim.x) {
+    const int i = e / kTapCols, j = e % kTapCols - kTapZero + s.pad_w;
+    unsigned hi, lo;
+    split_tf32(j >= 0 && j < s.kw ? filter_tap<float>(filter, c, i, j) : 0.f, hi, lo);
+    taps[e] = make_float2(__uint_as_float(hi), __uint_as_float(lo));
+  }
+}
+
+// Lane (g, t)'s taps of kernel row i: tap[m] is q - p = t - g + 4 (m - 2D); chunk pair d = a - b
+// (|d| <= D) uses m = 2 (d + D) and 2 (d + D) + 1.
+template <int D>
+__device__ __forceinline__ void load_taps(float2 (&tap)[4 * D + 2], const float2* taps, int i,
+                                          int lane) {
+  const float2* row = taps + i * kTapCols + kTapZero + lane % 4 - lane / 4;
+#pragma unroll
+  for (int m = 0; m < 4 * D + 2; ++m) tap[m] = row[4 * (m - 2 * D)];
+}
+
+// part[b] (+)= A chunk a times chunk pair (a, b) of T_i for every b within the band, 3xTF32; a
+// part starts anew at its first chunk, so chunks must come in increasing order of a.
+template <int C, int D>
+__device__ __forceinline__ void multiply_chunk(float (&part)[C][4], const unsigned (&a_hi)[4],
+                                               const unsigned (&a_lo)[4], int a,
+                                               const float2 (&tap)[4 * D + 2]) {
+#pragma unroll
+  for (int b = 0; b < C; ++b) {
+    const int d = a - b;
+    if (d > D || -d > D) continue;
+    const float2 t0 = tap[2 * (d + D)], t1 = tap[2 * (d + D) + 1];
+    const unsigned b_hi[2] = {__float_as_uint(t0.x), __float_as_uint(t1.x)};
+    const unsigned b_lo[2] = {__float_as_uint(t0.y), __float_as_uint(t1.y)};
+    if (a == max(0, b - D)) {
+      mma_tf32_first(part[b], a_lo, b_hi);
+    } else {
+      mma_tf32(part[b], a_lo, b_hi);
+    }
+    mma_tf32(part[b], a_hi, b_lo);
+    mma_tf32(part[b], a_hi, b_hi);
+  }
+}
+
+// A chunk from ldmatrix on fp32 rows (common.cuh: load_a), split.
+__device__ __forceinline__ void load_chunk(unsigned (&hi)[4], unsigned (&lo)[4], const float* p) {
+  unsigned v[4];
+  ldsm_x4(v, p);
+  const float f[4] = {__uint_as_float(v[0]), __uint_as_float(v[1]), __uint_as_float(v[2]),
+                      __uint_as_float(v[3])};
+  split_fragment(f, hi, lo);
+}
+
+// Outputs (n, oy, ox) and (n, oy, ox + 1) of channel plane `out`, where they exist.
+__device__ __forceinline__ void store_outputs(float* out, const ConvShape& s, int n, int oy, int ox,
+                                              float v0, float v1, bool pair) {
+  if (n >= s.N || oy >= s.Ho || ox >= s.Wo) return;
+  float* dst = out + n * s.out_stride[0] + oy * s.out_stride[2] + ox * s.out_stride[3];
+  if (pair) {
+    store_pair(dst, v0, v1);
+  } else {
+    dst[0] = v0;
+    if (ox + 1 < s.Wo) dst[s.out_stride[3]] = v1;
+  }
 }
 
 // grid (C, ceil(N / 16), row blocks of 2 * warps output rows), 32 * warps threads. C chunks per
@@ -100,14 +173,9 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2) mid_forward_kernel(const fl
   float2* taps = reinterpret_cast<float2*>(smem4);
   float* xs = reinterpret_cast<float*>(taps + s.kh * kTapCols);
   if (q1 > q0)
-    stage_rows<kForwardImages, kForwardPitch>(xs, x, s.in_stride, c, n0, s.N, q0, q1 - q0, s.W,
-                                              p.in_vec);
-  for (int e = threadIdx.x; e < s.kh * kTapCols; e += blockDim.x) {
-    const int i = e / kTapCols, j = e % kTapCols - kTapZero + s.pad_w;
-    unsigned hi, lo;
-    split_tf32(j >= 0 && j < s.kw ? filter_tap<float>(filter, c, i, j) : 0.f, hi, lo);
-    taps[e] = make_float2(__uint_as_float(hi), __uint_as_float(lo));
-  }
+    stage_rows<kForwardImages, kForwardPitch, kMaxCols>(xs, x, s.in_stride, c, n0, s.N, q0,
+                                                        q1 - q0, s.H, s.W, p.in_vec);
+  stage_taps(taps, filter, c, s);
   cp_async_wait_all();
   __syncthreads();
 
@@ -123,44 +191,20 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2) mid_forward_kernel(const fl
       reach[r] = oy < oy_end && row[r] >= 0 && row[r] < s.kh;
     }
     if (!reach[0] && !reach[1]) continue;
-    // A chunk a: 16 images x columns 8a .. 8a + 7 of input row qy; ldmatrix on fp32 rows gives
-    // the TF32 layout (common.cuh: load_a).
+    // A chunk a: 16 images x columns 8a .. 8a + 7 of input row qy.
     unsigned a_hi[C][4], a_lo[C][4];
-    const float* arow = xs + ((qy - q0) * kForwardImages + lane % 16) * kForwardPitch + (lane / 16) * 4;
+    const float* arow =
+        xs + ((qy - q0) * kForwardImages + lane % 16) * kForwardPitch + (lane / 16) * 4;
 #pragma unroll
-    for (int a = 0; a < C; ++a) {
-      unsigned v[4];
-      ldsm_x4(v, arow + 8 * a);
-      const float f[4] = {__uint_as_float(v[0]), __uint_as_float(v[1]), __uint_as_float(v[2]),
-                          __uint_as_float(v[3])};
-      split_fragment(f, a_hi[a], a_lo[a]);
-    }
+    for (int a = 0; a < C; ++a) load_chunk(a_hi[a], a_lo[a], arow + 8 * a);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       if (!reach[r]) continue;
-      // Taps q - p = t - g + 4m, m in [-2D, 2D + 1]; chunk pair d uses m = 2d and 2d + 1.
-      const float2* kt = taps + row[r] * kTapCols + kTapZero + t - g;
       float2 tap[4 * D + 2];
-#pragma unroll
-      for (int m = 0; m < 4 * D + 2; ++m) tap[m] = kt[4 * (m - 2 * D)];
+      load_taps<D>(tap, taps, row[r], lane);
       float part[C][4];
 #pragma unroll
-      for (int a = 0; a < C; ++a)
-#pragma unroll
-        for (int b = 0; b < C; ++b) {
-          const int d = a - b;
-          if (d > D || -d > D) continue;
-          const float2 t0 = tap[2 * (d + D)], t1 = tap[2 * (d + D) + 1];
-          const unsigned b_hi[2] = {__float_as_uint(t0.x), __float_as_uint(t1.x)};
-          const unsigned b_lo[2] = {__float_as_uint(t0.y), __float_as_uint(t1.y)};
-          if (a == max(0, b - D)) {
-            mma_tf32_first(part[b], a_lo[a], b_hi);
-          } else {
-            mma_tf32(part[b], a_lo[a], b_hi);
-          }
-          mma_tf32(part[b], a_hi[a], b_lo);
-          mma_tf32(part[b], a_hi[a], b_hi);
-        }
+      for (int a = 0; a < C; ++a) multiply_chunk<C, D>(part, a_hi[a], a_lo[a], a, tap);
 #pragma unroll
       for (int b = 0; b < C; ++b)
 #pragma unroll
@@ -172,25 +216,74 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2) mid_forward_kernel(const fl
   const float bias = filter_bias<float>(filter, c);
   float* out = y + c * s.out_stride[1];
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int oy = oy0 + warp + r * p.warps;
-    if (oy >= oy_end) continue;
+  for (int r = 0; r < 2; ++r)
 #pragma unroll
     for (int b = 0; b < C; ++b)
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        const int n = n0 + g + 8 * half, ox = 8 * b + 2 * t;
-        if (n >= s.N || ox >= s.Wo) continue;
-        float* dst = out + n * s.out_stride[0] + oy * s.out_stride[2] + ox * s.out_stride[3];
-        const float v0 = acc[r][b][2 * half] + bias, v1 = acc[r][b][2 * half + 1] + bias;
-        if (p.pair_out) {
-          store_pair(dst, v0, v1);
-        } else {
-          dst[0] = v0;
-          if (ox + 1 < s.Wo) dst[s.out_stride[3]] = v1;
-        }
+      for (int half = 0; half < 2; ++half)
+        store_outputs(out, s, n0 + g + 8 * half, oy0 + warp + r * p.warps, 8 * b + 2 * t,
+                      acc[r][b][2 * half] + bias, acc[r][b][2 * half + 1] + bias, p.pair_out);
+}
+
+// grid (C, ceil(N / 8), row blocks of 2 * warps output rows), 32 * warps threads; planes of 33 to
+// 64 columns (C = 5 .. 8 chunks). Warp w computes output rows oy = oy0 + 2w and oy + 1 of 8
+// images as one m16 tile, M row m being image m % 8 at output row oy + m / 8: input rows qy and
+// qy + 1 meet the same kernel row qy - oy + ph, so per kernel row one A chunk (ldmatrix from both
+// staged rows) serves both output rows, and a block stages half the rows of 16 images. Chunks are
+// loaded one at a time (registers: the accumulators and parts are C chunks wide).
+template <int C, int D>
+__global__ void __launch_bounds__(kMaxWarps * 32, 2) wide_forward_kernel(const float* __restrict__ x,
+                                                                        const Filter filter,
+                                                                        float* __restrict__ y,
+                                                                        const MidParams p) {
+  extern __shared__ float4 smem4[];
+  const ConvShape& s = p.s;
+  const int c = blockIdx.x, n0 = blockIdx.y * kWideImages;
+  const int oy0 = blockIdx.z * 2 * p.warps, q0 = oy0 - s.pad_h;
+  float2* taps = reinterpret_cast<float2*>(smem4);
+  float* xs = reinterpret_cast<float*>(taps + s.kh * kTapCols);
+  stage_rows<kWideImages, kWidePitch, kWideCols>(xs, x, s.in_stride, c, n0, s.N, q0,
+                                                  2 * p.warps + s.kh - 1, s.H, s.W, p.in_vec);
+  stage_taps(taps, filter, c, s);
+  cp_async_wait_all();
+  __syncthreads();
+
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  const int oy = oy0 + 2 * warp;
+  float acc[C][4] = {};
+  if (oy < s.Ho) {
+    // Kernel rows for which input row qy = oy + i - ph or qy + 1 lies in the image; staged row
+    // qy - q0 = oy - oy0 + i.
+    const int i_begin = max(0, s.pad_h - oy - 1), i_end = min(s.kh, s.H + s.pad_h - oy);
+    const float* arow = xs + ((oy - oy0 + (lane % 16) / 8) * kWideImages + lane % 8) * kWidePitch +
+                        (lane / 16) * 4;
+    for (int i = i_begin; i < i_end; ++i) {
+      float2 tap[4 * D + 2];
+      load_taps<D>(tap, taps, i, lane);
+      const float* ai = arow + i * kWideImages * kWidePitch;
+      float part[C][4];
+#pragma unroll
+      for (int a = 0; a < C; ++a) {
+        unsigned a_hi[4], a_lo[4];
+        load_chunk(a_hi, a_lo, ai + 8 * a);
+        multiply_chunk<C, D>(part, a_hi, a_lo, a, tap);
       }
+#pragma unroll
+      for (int b = 0; b < C; ++b)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[b][e] += part[b][e];
+    }
   }
+
+  // Accumulator element e of chunk b: image g, output row oy + e / 2, column 8b + 2t + e % 2.
+  const float bias = filter_bias<float>(filter, c);
+  float* out = y + c * s.out_stride[1];
+#pragma unroll
+  for (int b = 0; b < C; ++b)
+#pragma unroll
+    for (int half = 0; half < 2; ++half)
+      store_outputs(out, s, n0 + g, oy + half, 8 * b + 2 * t, acc[b][2 * half] + bias,
+                    acc[b][2 * half + 1] + bias, p.pair_out);
 }
 
 // Kernel rows whose products touch the plane: [first, first + count).
@@ -215,8 +308,10 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2) mid_weight_grad_kernel(
   float* xs = ds + s.Ho * kGradImages * kGradPitch;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
   float* mine = xs + s.H * kGradImages * kGradPitch + warp * kMaxCols * kScratchPitch;
-  stage_rows<kGradImages, kGradPitch>(ds, dy, s.out_stride, c, n0, s.N, 0, s.Ho, s.Wo, p.dy_vec);
-  stage_rows<kGradImages, kGradPitch>(xs, x, s.in_stride, c, n0, s.N, 0, s.H, s.W, p.in_vec);
+  stage_rows<kGradImages, kGradPitch, kMaxCols>(ds, dy, s.out_stride, c, n0, s.N, 0, s.Ho, s.Ho,
+                                                s.Wo, p.dy_vec);
+  stage_rows<kGradImages, kGradPitch, kMaxCols>(xs, x, s.in_stride, c, n0, s.N, 0, s.H, s.H, s.W,
+                                                p.in_vec);
 
   const ReachedRows rows = reached_rows(s);
   float* out = workspace + (int64_t(blockIdx.y) * s.C + c) * s.kh * s.kw;
@@ -307,16 +402,27 @@ int forward_warps(const ConvShape& s) {
   return ceil_div(s.Ho, 2 * blocks);
 }
 
+// Up to 4 chunks the mid forward (16 images, the staged input rows in reach), beyond it the wide
+// forward (8 images, a window of 2 * warps + kh - 1 rows).
 int64_t forward_smem(const ConvShape& s) {
-  const int rows = std::min(s.H, 2 * forward_warps(s) + s.kh - 1);
-  return 8LL * s.kh * kTapCols + 4LL * rows * kForwardImages * kForwardPitch;
+  const int64_t table = 8LL * s.kh * kTapCols;
+  if (chunks(s) > 4)
+    return table + 4LL * (2 * forward_warps(s) + s.kh - 1) * kWideImages * kWidePitch;
+  return table + 4LL * std::min(s.H, 2 * forward_warps(s) + s.kh - 1) * kForwardImages * kForwardPitch;
 }
 
 int64_t weight_grad_smem(const ConvShape& s) {
   return 4LL * ((s.Ho + s.H) * kGradImages * kGradPitch + kMaxWarps * kMaxCols * kScratchPitch);
 }
 
-bool fits(const ConvShape& s) {
+// Forward: 17 to 64 columns, chunk pairs up to 3 apart (the kernel table's reach). Weight
+// gradient: 17 to 32 columns.
+bool forward_fits(const ConvShape& s) {
+  const int cols = std::max(s.W, s.Wo);
+  return cols > 16 && cols <= kWideCols && band(s) <= 3;
+}
+
+bool weight_grad_fits(const ConvShape& s) {
   return s.W <= kMaxCols && s.Wo <= kMaxCols && std::max(s.W, s.Wo) > 16;
 }
 
@@ -331,15 +437,36 @@ bool pairs_writable(const void* data, const int64_t* stride, int w) {
          w % 2 == 0 && reinterpret_cast<uintptr_t>(data) % 8 == 0;
 }
 
+template <typename Kernel>
+cudaError_t launch(Kernel kernel, int images, const float* x, const Filter& filter, float* y,
+                   const MidParams& p, cudaStream_t stream) {
+  const int64_t smem = forward_smem(p.s);
+  cudaError_t err = allow_smem(kernel, smem);
+  if (err != cudaSuccess) return err;
+  const dim3 grid(p.s.C, ceil_div(p.s.N, images), ceil_div(p.s.Ho, 2 * p.warps));
+  kernel<<<grid, 32 * p.warps, smem, stream>>>(x, filter, y, p);
+  return cudaGetLastError();
+}
+
 template <int C, int D>
 cudaError_t forward_typed(const float* x, const Filter& filter, float* y, const MidParams& p,
                           cudaStream_t stream) {
-  const int64_t smem = forward_smem(p.s);
-  cudaError_t err = allow_smem(mid_forward_kernel<C, D>, smem);
-  if (err != cudaSuccess) return err;
-  const dim3 grid(p.s.C, ceil_div(p.s.N, kForwardImages), ceil_div(p.s.Ho, 2 * p.warps));
-  mid_forward_kernel<C, D><<<grid, 32 * p.warps, smem, stream>>>(x, filter, y, p);
-  return cudaGetLastError();
+  if constexpr (C > 4) {
+    return launch(wide_forward_kernel<C, D>, kWideImages, x, filter, y, p, stream);
+  } else {
+    return launch(mid_forward_kernel<C, D>, kForwardImages, x, filter, y, p, stream);
+  }
+}
+
+template <int C>
+cudaError_t forward_band(const float* x, const Filter& filter, float* y, const MidParams& p,
+                         cudaStream_t stream) {
+  const int d = band(p.s);
+  if constexpr (C > 3) {
+    if (d == 3) return forward_typed<C, 3>(x, filter, y, p, stream);
+  }
+  return d == 1 ? forward_typed<C, 1>(x, filter, y, p, stream)
+                : forward_typed<C, 2>(x, filter, y, p, stream);
 }
 
 template <int C>
@@ -355,10 +482,12 @@ cudaError_t weight_grad_typed(const float* x, const float* dy, float* workspace,
 
 }  // namespace
 
-bool mid_forward_supported(const ConvShape& s) { return fits(s) && forward_smem(s) <= kSmemLimit; }
+bool mid_forward_supported(const ConvShape& s) {
+  return forward_fits(s) && forward_smem(s) <= kSmemLimit;
+}
 
 bool mid_weight_grad_supported(const ConvShape& s) {
-  return fits(s) && weight_grad_smem(s) <= kSmemLimit;
+  return weight_grad_fits(s) && weight_grad_smem(s) <= kSmemLimit;
 }
 
 int64_t mid_weight_grad_workspace_floats(const ConvShape& s) {
@@ -371,14 +500,14 @@ cudaError_t launch_forward_mid(const void* x, const Filter& filter, void* y, con
                     pairs_writable(y, s.out_stride, s.Wo)};
   const float* in = static_cast<const float*>(x);
   float* out = static_cast<float*>(y);
-  const int d = band(s);
-  if (chunks(s) == 3) {
-    return d == 1 ? forward_typed<3, 1>(in, filter, out, p, stream)
-                  : forward_typed<3, 2>(in, filter, out, p, stream);
+  switch (chunks(s)) {
+    case 3: return forward_band<3>(in, filter, out, p, stream);
+    case 4: return forward_band<4>(in, filter, out, p, stream);
+    case 5: return forward_band<5>(in, filter, out, p, stream);
+    case 6: return forward_band<6>(in, filter, out, p, stream);
+    case 7: return forward_band<7>(in, filter, out, p, stream);
+    default: return forward_band<8>(in, filter, out, p, stream);
   }
-  if (d == 1) return forward_typed<4, 1>(in, filter, out, p, stream);
-  return d == 2 ? forward_typed<4, 2>(in, filter, out, p, stream)
-                : forward_typed<4, 3>(in, filter, out, p, stream);
 }
 
 cudaError_t launch_weight_grad_mid(const void* x, const void* grad_out, float* workspace,
