@@ -252,9 +252,9 @@ def test_both_formulations_match_float64(shape, k, dtype, algo, monkeypatch):
 
 
 @gpu
-@pytest.mark.parametrize("shape", [(4, 6, 14, 13), (4, 8, 7, 7)])
+@pytest.mark.parametrize("shape", [(4, 6, 14, 13), (4, 8, 7, 7), (3, 5, 22, 19), (3, 4, 20, 44)])
 @pytest.mark.parametrize("layout", ["channels_last", "noncontig"])
-@pytest.mark.parametrize("algo", ["direct", "gemm", "rows", "small"])
+@pytest.mark.parametrize("algo", ["direct", "gemm", "rows", "small", "mid"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_both_formulations_read_any_layout(shape, layout, algo, dtype, monkeypatch):
     monkeypatch.setenv("LKNETS_DWCONV_ALGO", algo)

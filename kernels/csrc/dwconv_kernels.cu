@@ -399,11 +399,14 @@ Algo forced_algo() {
 // of up to 64 pixels, the small-plane GEMM up to 16x16, the row-Toeplitz GEMM beyond (fp32 on all
 // three as 3xTF32), except that fp32 runs the mid-plane GEMM where it takes the shape (forward 17
 // to 64 columns, weight gradient 17 to 32): RepLKNet-31B f+b stage 1 5.36 -> 3.73 ms, stage 2
-// 2.27 -> 1.00. fp32 planes whose rows are strided (channels_last) stay on the small-plane or
-// row-Toeplitz GEMM (the plane GEMM stages them slower: RepLKNet-31B stage 4 f+b 0.315 vs 0.258 ms
-// on the small-plane GEMM; the mid-plane GEMM is not measured there). The direct kernels only run
-// when forced. A forced formulation that does not take the shape falls back to the
-// row-Toeplitz GEMM, which takes every shape.
+// 2.27 -> 1.00; channels_last forward at 28x28 0.92 -> 0.50 ms, weight gradient 1.18 -> 0.50. Not
+// on the H/W-transposed views of NCHW planes (tall kernels, ops.cpp), whose rows it would stage
+// element by element down their columns: the row-Toeplitz GEMM reads them in vectors (forward,
+// 31x1 at 56x56, 0.186 against 0.636 ms). fp32 planes of up to 64 pixels whose rows are strided
+// (channels_last) stay on the small-plane GEMM, which stages them faster than the plane GEMM
+// (RepLKNet-31B stage 4 f+b 0.258 vs 0.315 ms). The direct kernels only run when forced. A forced
+// formulation that does not take the shape falls back to the row-Toeplitz GEMM, which takes every
+// shape.
 Algo choose(DType dtype, const ConvShape& s, bool plane_gemm_supported, bool mid_supported) {
   const bool small = small_supported(s);
   const bool mid = dtype == DType::kFloat32 && mid_supported;
@@ -417,7 +420,7 @@ Algo choose(DType dtype, const ConvShape& s, bool plane_gemm_supported, bool mid
   }
   const bool rows_strided = dtype == DType::kFloat32 && s.in_stride[3] != 1;
   if (plane_gemm_supported && s.H * s.W <= 8 * 8 && !rows_strided) return Algo::kGemm;
-  if (mid && !rows_strided) return Algo::kMid;
+  if (mid && !(rows_strided && s.in_stride[2] == 1)) return Algo::kMid;
   return small ? Algo::kSmall : Algo::kRows;
 }
 
