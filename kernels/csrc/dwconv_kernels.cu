@@ -382,8 +382,8 @@ cudaError_t weight_grad_typed(const void* x, const void* dy, float* workspace, v
 
 enum class Algo { kAuto, kDirect, kGemm, kRows, kSmall, kMid };
 
-// LKNETS_DWCONV_ALGO=direct|gemm|rows|small|mid forces one formulation where it applies (benchmarks, tests);
-// unset or anything else: by shape.
+// LKNETS_DWCONV_ALGO=direct|gemm|rows|small|mid forces one formulation where it applies
+// (benchmarks, tests); unset or anything else: by shape.
 Algo forced_algo() {
   const char* v = std::getenv("LKNETS_DWCONV_ALGO");
   if (v == nullptr) return Algo::kAuto;

@@ -2,14 +2,14 @@
 // planes of 17 to 64 columns (RepLKNet-31B's 56x56 and 28x28 stages, its 48x48 and 24x24 stages at
 // 384), weight gradient on 17 to 32 columns.
 //
-// As in the small-plane GEMM, out[n][oy][:] = sum over input rows qy of x[n][qy][:] T_{qy - oy + ph}
-// with T_i the Toeplitz matrix of kernel row i (input columns x output columns), but an image row
-// is cut into C = 3 .. 8 chunks of 8 columns, the k and n of the m16n8k8 TF32 MMA: a 24-column
-// plane multiplies 24 columns, where 16-wide tiles (the row-Toeplitz GEMM's rows and columns)
-// multiply 32 x 32, and the chunk pairs off the kernel's band are skipped (D below). A chunk pair
-// (a, b) of T_i depends only on d = a - b, and lane (g, t) holds its taps q - p = 8d + t - g and
-// 8d + t - g + 4, so one kernel row's B fragments for every chunk pair are 4D + 2 taps per lane,
-// read already split from a table of the kernel in shared memory.
+// As in the small-plane GEMM, out[n][oy][:] = sum over input rows qy of x[n][qy][:] T_i with
+// i = qy - oy + ph and T_i the Toeplitz matrix of kernel row i (input columns x output columns),
+// but an image row is cut into C = 3 .. 8 chunks of 8 columns, the k and n of the m16n8k8 TF32
+// MMA: a 24-column plane multiplies 24 columns, where 16-wide tiles (the row-Toeplitz GEMM's rows
+// and columns) multiply 32 x 32, and the chunk pairs off the kernel's band are skipped (D below).
+// A chunk pair (a, b) of T_i depends only on d = a - b, and lane (g, t) holds its taps
+// q - p = 8d + t - g and 8d + t - g + 4, so one kernel row's B fragments for every chunk pair are
+// 4D + 2 taps per lane, read already split from a table of the kernel in shared memory.
 // Forward up to 32 columns (mid_forward_kernel): a block owns one channel, 16 images and up to 16
 // output rows (two per warp); it stages the input rows in their reach once, and per input row a
 // warp splits its A fragments once for both of its output rows. Wider planes (wide_forward_kernel)
@@ -232,10 +232,9 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2) mid_forward_kernel(const fl
 // staged rows) serves both output rows, and a block stages half the rows of 16 images. Chunks are
 // loaded one at a time (registers: the accumulators and parts are C chunks wide).
 template <int C, int D>
-__global__ void __launch_bounds__(kMaxWarps * 32, 2) wide_forward_kernel(const float* __restrict__ x,
-                                                                        const Filter filter,
-                                                                        float* __restrict__ y,
-                                                                        const MidParams p) {
+__global__ void __launch_bounds__(kMaxWarps * 32, 2)
+    wide_forward_kernel(const float* __restrict__ x, const Filter filter, float* __restrict__ y,
+                        const MidParams p) {
   extern __shared__ float4 smem4[];
   const ConvShape& s = p.s;
   const int c = blockIdx.x, n0 = blockIdx.y * kWideImages;
@@ -376,12 +375,14 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2) mid_weight_grad_kernel(
 #pragma unroll
         for (int half = 0; half < 2; ++half)
           *reinterpret_cast<float2*>(mine + (16 * mt + g + 8 * half) * kScratchPitch + 8 * b +
-                                     2 * t) = make_float2(acc[mt][b][2 * half], acc[mt][b][2 * half + 1]);
+                                     2 * t) =
+              make_float2(acc[mt][b][2 * half], acc[mt][b][2 * half + 1]);
     __syncwarp();
     for (int j = lane; j < s.kw; j += 32) {
       float sum = 0.f;
       const int ox_begin = max(0, s.pad_w - j), ox_end = min(s.Wo, s.W + s.pad_w - j);
-      for (int ox = ox_begin; ox < ox_end; ++ox) sum += mine[ox * (kScratchPitch + 1) + j - s.pad_w];
+      for (int ox = ox_begin; ox < ox_end; ++ox)
+        sum += mine[ox * (kScratchPitch + 1) + j - s.pad_w];
       out[i * s.kw + j] = sum;
     }
     __syncwarp();
@@ -408,7 +409,8 @@ int64_t forward_smem(const ConvShape& s) {
   const int64_t table = 8LL * s.kh * kTapCols;
   if (chunks(s) > 4)
     return table + 4LL * (2 * forward_warps(s) + s.kh - 1) * kWideImages * kWidePitch;
-  return table + 4LL * std::min(s.H, 2 * forward_warps(s) + s.kh - 1) * kForwardImages * kForwardPitch;
+  const int rows = std::min(s.H, 2 * forward_warps(s) + s.kh - 1);
+  return table + 4LL * rows * kForwardImages * kForwardPitch;
 }
 
 int64_t weight_grad_smem(const ConvShape& s) {
