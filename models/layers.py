@@ -81,7 +81,7 @@ def _kernel_wins(x: torch.Tensor, kh: int, kw: int) -> bool:
 
     Every kernel from 3x3 up (input dtype, or the autocast dtype; bf16: RepLKNet's 5x5 branches
     2.2-4.8x, UniRepLKNet's 3x3 blocks 2.1-2.8x; fp32 on the tensor cores as 3xTF32: 5x5 at 56x56
-    1.5x, 3x3 1.3x), except square 3x3 and 5x5 in fp16, where torch takes cuDNN's depthwise kernels
+    2.3x, 3x3 1.9x), except square 3x3 and 5x5 in fp16, where torch takes cuDNN's depthwise kernels
     and wins on some maps; kernels of up to 7x7 on channels_last input stay on cuDNN, which wins
     there.
     """

@@ -29,16 +29,19 @@ namespace lknets {
 namespace {
 
 constexpr int kMaxWarps = 8;
+// Mid forward: planes of up to 32 columns, blocks of 16 images; wide forward: up to 64 columns,
+// blocks of 8 images (two output rows per M tile); weight gradient: up to 32 columns, blocks of 8
+// images (one k8 step).
 constexpr int kMaxCols = 32;
 constexpr int kForwardImages = 16;
-// Staged row pitches (floats): the forward's A loads are ldmatrix on fp32 rows (16 bytes past a
+constexpr int kWideCols = 64;
+constexpr int kWideImages = 8;
+constexpr int kGradImages = 8;
+// Staged row pitches (floats): the forwards' A loads are ldmatrix on fp32 rows (16 bytes past a
 // multiple of 128: conflict-free), the weight gradient's fragments scalar loads of rows (t, t + 4)
 // and columns g (8 mod 32 words apart: conflict-free), as are its scratch tile's 8-byte stores.
 constexpr int kForwardPitch = 36;
-constexpr int kWideCols = 64;
-constexpr int kWideImages = 8;
 constexpr int kWidePitch = 68;
-constexpr int kGradImages = 8;
 constexpr int kGradPitch = 40;
 constexpr int kScratchPitch = 40;
 // Kernel table: per kernel row, column q - p + kTapZero holds the split tap K[i][q - p + pw] (zero
