@@ -347,6 +347,25 @@ __device__ __forceinline__ void load_split_a(FragA<float>& a, const float* tile,
   }
 }
 
+// Whether a plane of width w can be read or written v elements at a time along its rows: rows
+// contiguous, every vector (row, multiple-of-v column) aligned to v elements, w a multiple of v.
+template <typename T>
+bool rows_in_vectors(const void* data, const int64_t* stride, int w, int v) {
+  return stride[3] == 1 && stride[2] % v == 0 && stride[1] % v == 0 && stride[0] % v == 0 &&
+         w % v == 0 && reinterpret_cast<uintptr_t>(data) % (v * sizeof(T)) == 0;
+}
+
+// The kernel rows whose products touch the plane, i in [first, first + count) (count may be 0 or
+// less); the others' weight gradient is zero.
+struct ReachedRows {
+  int first, count;
+};
+
+__host__ __device__ inline ReachedRows reached_rows(const ConvShape& s) {
+  const int first = max(0, s.pad_h - s.Ho + 1);
+  return {first, min(s.kh - 1, s.pad_h + s.H - 1) - first + 1};
+}
+
 // Two neighbouring outputs in one store (dst aligned to two elements).
 template <typename T>
 __device__ __forceinline__ void store_pair(T* dst, float v0, float v1) {

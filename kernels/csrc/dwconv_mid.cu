@@ -288,16 +288,6 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
                     acc[b][2 * half + 1] + bias, p.pair_out);
 }
 
-// Kernel rows whose products touch the plane: [first, first + count).
-struct ReachedRows {
-  int first, count;
-};
-
-__host__ __device__ inline ReachedRows reached_rows(const ConvShape& s) {
-  const int first = max(0, s.pad_h - s.Ho + 1);
-  return {first, max(0, min(s.kh - 1, s.pad_h + s.H - 1) - first + 1)};
-}
-
 // grid (C, ceil(N / 8)), 256 threads; workspace[blockIdx.y][c] is the block's partial (kh, kw).
 template <int C>
 __global__ void __launch_bounds__(kMaxWarps * 32, 2) mid_weight_grad_kernel(
@@ -431,17 +421,6 @@ bool weight_grad_fits(const ConvShape& s) {
   return s.W <= kMaxCols && s.Wo <= kMaxCols && std::max(s.W, s.Wo) > 16;
 }
 
-// Rows read with 16-byte copies: contiguous, every row 16-byte aligned, whole 16-byte chunks.
-bool rows_vectorizable(const void* data, const int64_t* stride, int w) {
-  return stride[3] == 1 && stride[2] % 4 == 0 && stride[1] % 4 == 0 && stride[0] % 4 == 0 &&
-         w % 4 == 0 && reinterpret_cast<uintptr_t>(data) % 16 == 0;
-}
-
-bool pairs_writable(const void* data, const int64_t* stride, int w) {
-  return stride[3] == 1 && stride[2] % 2 == 0 && stride[1] % 2 == 0 && stride[0] % 2 == 0 &&
-         w % 2 == 0 && reinterpret_cast<uintptr_t>(data) % 8 == 0;
-}
-
 template <typename Kernel>
 cudaError_t launch(Kernel kernel, int images, const float* x, const Filter& filter, float* y,
                    const MidParams& p, cudaStream_t stream) {
@@ -501,8 +480,8 @@ int64_t mid_weight_grad_workspace_floats(const ConvShape& s) {
 
 cudaError_t launch_forward_mid(const void* x, const Filter& filter, void* y, const ConvShape& s,
                                cudaStream_t stream) {
-  const MidParams p{s, forward_warps(s), rows_vectorizable(x, s.in_stride, s.W), false,
-                    pairs_writable(y, s.out_stride, s.Wo)};
+  const MidParams p{s, forward_warps(s), rows_in_vectors<float>(x, s.in_stride, s.W, 4), false,
+                    rows_in_vectors<float>(y, s.out_stride, s.Wo, 2)};
   const float* in = static_cast<const float*>(x);
   float* out = static_cast<float*>(y);
   switch (chunks(s)) {
@@ -517,8 +496,8 @@ cudaError_t launch_forward_mid(const void* x, const Filter& filter, void* y, con
 
 cudaError_t launch_weight_grad_mid(const void* x, const void* grad_out, float* workspace,
                                    void* grad_weight, const ConvShape& s, cudaStream_t stream) {
-  const MidParams p{s, kMaxWarps, rows_vectorizable(x, s.in_stride, s.W),
-                    rows_vectorizable(grad_out, s.out_stride, s.Wo), false};
+  const MidParams p{s, kMaxWarps, rows_in_vectors<float>(x, s.in_stride, s.W, 4),
+                    rows_in_vectors<float>(grad_out, s.out_stride, s.Wo, 4), false};
   const float* in = static_cast<const float*>(x);
   const float* dy = static_cast<const float*>(grad_out);
   cudaError_t err = chunks(s) == 3 ? weight_grad_typed<3>(in, dy, workspace, p, stream)

@@ -264,19 +264,8 @@ __global__ void __launch_bounds__(kThreads) small_forward_kernel(const T* __rest
   }
 }
 
-// The kernel rows whose products touch the plane: i in [first_row, first_row + count). At most
-// H + Ho - 1 <= 31 rows, so at most 4 per warp; the others' weight gradient is zero.
-struct ReachedRows {
-  int first, count;
-};
-
-__host__ __device__ inline ReachedRows reached_rows(const ConvShape& s) {
-  const int first = max(0, s.pad_h - s.Ho + 1);
-  return {first, min(s.kh - 1, s.pad_h + s.H - 1) - first + 1};
-}
-
 // grid (C), 256 threads; dw is (C, kh, kw) contiguous; R >= ceil(reached rows / 8) kernel rows per
-// warp, Images per step.
+// warp (common.cuh: reached_rows; at most H + Ho - 1 <= 31 rows, so R <= 4), Images per step.
 template <typename T, int R, int Images>
 __global__ void __launch_bounds__(kThreads) small_weight_grad_kernel(const T* __restrict__ x,
                                                                      const T* __restrict__ dy,
@@ -382,14 +371,6 @@ __global__ void __launch_bounds__(kThreads) small_weight_grad_kernel(const T* __
   }
 }
 
-// Whether a plane of width w is read or written two elements at a time: rows contiguous, every
-// (row, even column) pair aligned to two elements, w even.
-template <typename T>
-bool pairwise(const void* data, const int64_t* stride, int w) {
-  return stride[3] == 1 && stride[2] % 2 == 0 && stride[1] % 2 == 0 && stride[0] % 2 == 0 &&
-         w % 2 == 0 && reinterpret_cast<uintptr_t>(data) % (2 * sizeof(T)) == 0;
-}
-
 template <typename T>
 int64_t forward_smem(const ConvShape& s) {
   if constexpr (std::is_same<T, float>::value)
@@ -415,7 +396,7 @@ cudaError_t small_forward_typed(const void* x, const Filter& filter, void* y, co
   const dim3 grid(s.C, ceil_div(s.N, kForwardImages));
   small_forward_kernel<T, P><<<grid, kThreads, smem, stream>>>(
       static_cast<const T*>(x), filter, static_cast<T*>(y), s,
-      pairwise<T>(x, s.in_stride, s.W), pairwise<T>(y, s.out_stride, s.Wo));
+      rows_in_vectors<T>(x, s.in_stride, s.W, 2), rows_in_vectors<T>(y, s.out_stride, s.Wo, 2));
   return cudaGetLastError();
 }
 
@@ -427,7 +408,7 @@ cudaError_t small_weight_grad_typed(const void* x, const void* dy, void* dw, con
   if (err != cudaSuccess) return err;
   small_weight_grad_kernel<T, R, Images><<<s.C, kThreads, smem, stream>>>(
       static_cast<const T*>(x), static_cast<const T*>(dy), static_cast<T*>(dw), s,
-      pairwise<T>(x, s.in_stride, s.W), pairwise<T>(dy, s.out_stride, s.Wo));
+      rows_in_vectors<T>(x, s.in_stride, s.W, 2), rows_in_vectors<T>(dy, s.out_stride, s.Wo, 2));
   return cudaGetLastError();
 }
 
