@@ -234,19 +234,49 @@ __device__ __forceinline__ int lane_offset_transposed_a(int lane, int ld) {
   return ((lane / 16) * 8 + lane % 8) * ld + ((lane / 8) % 2) * 8;
 }
 
+// fp32 fragments of one k8 step (8 columns of A, 8 rows of B), split: the pieces the 16x16
+// loaders below are made of, and what the mid-plane GEMM loads directly.
+__device__ __forceinline__ void split_fragment(const float (&v)[4], unsigned (&hi)[4],
+                                               unsigned (&lo)[4]) {
+#pragma unroll
+  for (int r = 0; r < 4; ++r) split_tf32(v[r], hi[r], lo[r]);
+}
+
+// A (16 x 8) by ldmatrix on fp32 rows: `row` is this lane's address, row lane % 16 of the tile at
+// column (lane / 16) * 4 (rows 16-byte aligned). ldmatrix moves 16-byte rows: on fp32 data its
+// four 8x8 16-bit matrices are the 8 x 4 fp32 blocks of the TF32 A layout (rows 0-7 / 8-15,
+// columns 0-3 / 4-7).
+__device__ __forceinline__ void load_a_k8(unsigned (&hi)[4], unsigned (&lo)[4], const float* row) {
+  unsigned v[4];
+  ldsm_x4(v, row);
+  const float f[4] = {__uint_as_float(v[0]), __uint_as_float(v[1]), __uint_as_float(v[2]),
+                      __uint_as_float(v[3])};
+  split_fragment(f, hi, lo);
+}
+
+// A (16 x 8) from its transpose, an 8 x 16 (K x M) tile stored row major with pitch `ld`.
+__device__ __forceinline__ void load_a_trans_k8(unsigned (&hi)[4], unsigned (&lo)[4],
+                                                const float* tile, int ld, int lane) {
+  const float* p = tile + (lane % 4) * ld + lane / 4;
+  const float f[4] = {p[0], p[8], p[4 * ld], p[4 * ld + 8]};
+  split_fragment(f, hi, lo);
+}
+
+// B (8 x 8) from a K x N tile stored row major with pitch `ld`.
+__device__ __forceinline__ void load_b_k8(unsigned (&hi)[2], unsigned (&lo)[2], const float* tile,
+                                          int ld, int lane) {
+  const float* p = tile + (lane % 4) * ld + lane / 4;
+  split_tf32(p[0], hi[0], lo[0]);
+  split_tf32(p[4 * ld], hi[1], lo[1]);
+}
+
 // A from an M x K tile stored row major with pitch `ld` elements (fp32: rows 16-byte aligned).
 template <typename T>
 __device__ __forceinline__ void load_a(FragA<T>& a, const T* tile, int ld, int lane) {
   if constexpr (std::is_same<T, float>::value) {
-    // ldmatrix moves 16-byte rows: on fp32 data its four 8x8 16-bit matrices are the 8 x 4 fp32
-    // blocks of the TF32 A layout (rows 0-7 / 8-15, columns 0-3 / 4-7 of each k half).
 #pragma unroll
-    for (int kk = 0; kk < 2; ++kk) {
-      unsigned v[4];
-      ldsm_x4(v, tile + (lane % 16) * ld + kk * 8 + (lane / 16) * 4);
-#pragma unroll
-      for (int r = 0; r < 4; ++r) split_tf32(__uint_as_float(v[r]), a.hi[kk][r], a.lo[kk][r]);
-    }
+    for (int kk = 0; kk < 2; ++kk)
+      load_a_k8(a.hi[kk], a.lo[kk], tile + (lane % 16) * ld + kk * 8 + (lane / 16) * 4);
   } else {
     ldsm_x4(a.r, tile + lane_offset(lane, ld));
   }
@@ -257,15 +287,8 @@ __device__ __forceinline__ void load_a(FragA<T>& a, const T* tile, int ld, int l
 template <typename T>
 __device__ __forceinline__ void load_a_trans(FragA<T>& a, const T* tile, int ld, int lane) {
   if constexpr (std::is_same<T, float>::value) {
-    const int g = lane / 4, t = lane % 4;
 #pragma unroll
-    for (int kk = 0; kk < 2; ++kk) {
-      const float* p = tile + (kk * 8 + t) * ld + g;
-      split_tf32(p[0], a.hi[kk][0], a.lo[kk][0]);
-      split_tf32(p[8], a.hi[kk][1], a.lo[kk][1]);
-      split_tf32(p[4 * ld], a.hi[kk][2], a.lo[kk][2]);
-      split_tf32(p[4 * ld + 8], a.hi[kk][3], a.lo[kk][3]);
-    }
+    for (int kk = 0; kk < 2; ++kk) load_a_trans_k8(a.hi[kk], a.lo[kk], tile + kk * 8 * ld, ld, lane);
   } else {
     ldsm_x4_trans(a.r, tile + lane_offset_transposed_a(lane, ld));
   }
@@ -275,15 +298,11 @@ __device__ __forceinline__ void load_a_trans(FragA<T>& a, const T* tile, int ld,
 template <typename T>
 __device__ __forceinline__ void load_b(FragB<T>& b, const T* tile, int ld, int lane) {
   if constexpr (std::is_same<T, float>::value) {
-    const int g = lane / 4, t = lane % 4;
 #pragma unroll
     for (int kk = 0; kk < 2; ++kk)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const float* p = tile + (kk * 8 + t) * ld + h * 8 + g;
-        split_tf32(p[0], b.hi[kk][h][0], b.lo[kk][h][0]);
-        split_tf32(p[4 * ld], b.hi[kk][h][1], b.lo[kk][h][1]);
-      }
+      for (int h = 0; h < 2; ++h)
+        load_b_k8(b.hi[kk][h], b.lo[kk][h], tile + kk * 8 * ld + h * 8, ld, lane);
   } else {
     ldsm_x4_trans(b.r, tile + lane_offset(lane, ld));
   }

@@ -64,7 +64,9 @@ struct MidParams {
 // rows x Images rows of dst (pitch Pitch) hold rows q0 .. q0 + rows - 1 of images n0 ..
 // n0 + Images - 1, columns 0 .. Cols - 1 (zero at rows outside [0, h), columns >= w and images
 // >= N), after cp_async_wait_all. `vec`: 16-byte copies (rows contiguous and 16-byte aligned,
-// w % 4 == 0).
+// w % 4 == 0). The small-plane GEMM's fp32 staging (stage_planes) is this loop with q0 = 0 and
+// vec false, but sharing it made the small-plane weight gradient slower (H100, fp32, r31b224_s3:
+// 0.091 -> 0.094 ms; fewer instructions, less unrolled staging).
 template <int Images, int Pitch, int Cols>
 __device__ __forceinline__ void stage_rows(float* dst, const float* __restrict__ src,
                                            const int64_t* stride, int c, int n0, int N, int q0,
@@ -87,12 +89,6 @@ __device__ __forceinline__ void stage_rows(float* dst, const float* __restrict__
         ok ? channel + (n0 + g) * stride[0] + q * stride[2] + col * stride[3] : channel;
     cp_async_4(dst + ((q - q0) * Images + g) * Pitch + col, from, ok);
   }
-}
-
-__device__ __forceinline__ void split_fragment(const float (&v)[4], unsigned (&hi)[4],
-                                               unsigned (&lo)[4]) {
-#pragma unroll
-  for (int r = 0; r < 4; ++r) split_tf32(v[r], hi[r], lo[r]);
 }
 
 // The kernel table of channel c (kTapCols columns per kernel row, split).
@@ -137,15 +133,6 @@ __device__ __forceinline__ void multiply_chunk(float (&part)[C][4], const unsign
     mma_tf32(part[b], a_hi, b_lo);
     mma_tf32(part[b], a_hi, b_hi);
   }
-}
-
-// A chunk from ldmatrix on fp32 rows (common.cuh: load_a), split.
-__device__ __forceinline__ void load_chunk(unsigned (&hi)[4], unsigned (&lo)[4], const float* p) {
-  unsigned v[4];
-  ldsm_x4(v, p);
-  const float f[4] = {__uint_as_float(v[0]), __uint_as_float(v[1]), __uint_as_float(v[2]),
-                      __uint_as_float(v[3])};
-  split_fragment(f, hi, lo);
 }
 
 // Outputs (n, oy, ox) and (n, oy, ox + 1) of channel plane `out`, where they exist.
@@ -199,7 +186,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2) mid_forward_kernel(const fl
     const float* arow =
         xs + ((qy - q0) * kForwardImages + lane % 16) * kForwardPitch + (lane / 16) * 4;
 #pragma unroll
-    for (int a = 0; a < C; ++a) load_chunk(a_hi[a], a_lo[a], arow + 8 * a);
+    for (int a = 0; a < C; ++a) load_a_k8(a_hi[a], a_lo[a], arow + 8 * a);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       if (!reach[r]) continue;
@@ -267,7 +254,7 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2)
 #pragma unroll
       for (int a = 0; a < C; ++a) {
         unsigned a_hi[4], a_lo[4];
-        load_chunk(a_hi, a_lo, ai + 8 * a);
+        load_a_k8(a_hi, a_lo, ai + 8 * a);
         multiply_chunk<C, D>(part, a_hi, a_lo, a, tap);
       }
 #pragma unroll
@@ -324,21 +311,15 @@ __global__ void __launch_bounds__(kMaxWarps * 32, 2) mid_weight_grad_kernel(
         const int oy = oy0 + u;
         if (u > 0 && oy >= oy_end) break;
         // A[ox][n] = dy[n][oy][ox] (two m16 tiles of output columns), B[n][qx] = x[n][qy][qx].
-        const float* drow = ds + (oy * kGradImages + t) * kGradPitch + g;
-        const float* xrow = xs + ((oy + i - s.pad_h) * kGradImages + t) * kGradPitch + g;
+        const float* drow = ds + oy * kGradImages * kGradPitch;
+        const float* xrow = xs + (oy + i - s.pad_h) * kGradImages * kGradPitch;
         unsigned a_hi[2][4], a_lo[2][4];
 #pragma unroll
-        for (int mt = 0; mt < 2; ++mt) {
-          const float f[4] = {drow[16 * mt], drow[16 * mt + 8], drow[4 * kGradPitch + 16 * mt],
-                              drow[4 * kGradPitch + 16 * mt + 8]};
-          split_fragment(f, a_hi[mt], a_lo[mt]);
-        }
+        for (int mt = 0; mt < 2; ++mt)
+          load_a_trans_k8(a_hi[mt], a_lo[mt], drow + 16 * mt, kGradPitch, lane);
         unsigned b_hi[C][2], b_lo[C][2];
 #pragma unroll
-        for (int b = 0; b < C; ++b) {
-          split_tf32(xrow[8 * b], b_hi[b][0], b_lo[b][0]);
-          split_tf32(xrow[4 * kGradPitch + 8 * b], b_hi[b][1], b_lo[b][1]);
-        }
+        for (int b = 0; b < C; ++b) load_b_k8(b_hi[b], b_lo[b], xrow + 8 * b, kGradPitch, lane);
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
