@@ -2,7 +2,7 @@
 
     python benchmarks/throughput.py [--model RepLKNet-31B,unireplknet_t,SLaK_tiny]
         [--lk_impl torch,auto[,bound]] [--amp_dtype bf16] [--batch_size 64] [--input_size 224]
-        [--profile]
+        [--profile] [--compile [MODE]]
 
 A training step is forward, cross-entropy, backward and an AdamW step under torch.autocast;
 inference is the forward under autocast and no_grad, model in eval mode. Synthetic inputs; each
@@ -11,6 +11,8 @@ stride-1 depthwise conv (the large kernels and the re-param branches, dilated or
 so its rate bounds what any depthwise-conv kernel could give the model. --profile adds the
 GPU time (sum of kernel times, torch.profiler) and the GPU op count of one training step: a step
 that takes much longer than its GPU time is bound by the host launching its kernels.
+--compile runs the model through torch.compile for every lk_impl alike (inductor; MODE as
+torch.compile's, e.g. reduce-overhead for CUDA graphs; default mode without one).
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import os
 import statistics
 import sys
 import time
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -82,14 +85,18 @@ def gpu_time_ms(step) -> tuple:
 
 
 def measure(name: str, impl: str, amp_dtype, batch: int, size: int, warmup: int, steps: int,
-            profile: bool = False):
+            profile: bool = False, compile_mode: Optional[str] = None):
     if impl == "bound":
         with depthwise_convs_skipped():
-            return measure(name, "torch", amp_dtype, batch, size, warmup, steps, profile)
+            return measure(name, "torch", amp_dtype, batch, size, warmup, steps, profile,
+                           compile_mode)
     set_lk_impl(impl)
     torch.manual_seed(0)
     model = create_model(name, **PAPER_KWARGS.get(name, {})).cuda()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    if compile_mode is not None:
+        torch._dynamo.reset()
+        model = torch.compile(model, mode=compile_mode)
     scaler = torch.amp.GradScaler(enabled=amp_dtype == torch.float16)
     x = torch.randn(batch, 3, size, size, device="cuda")
     target = torch.randint(0, 1000, (batch,), device="cuda")
@@ -128,11 +135,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--profile", action="store_true",
                         help="also report GPU time and GPU ops of one training step")
+    parser.add_argument("--compile", nargs="?", const="default", default=None, metavar="MODE",
+                        help="torch.compile the model (every lk_impl alike), in MODE")
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = True
     print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | CUDA {torch.version.cuda} | "
           f"cuDNN {torch.backends.cudnn.version()} | batch {args.batch_size} | {args.input_size}px | "
-          f"amp {args.amp_dtype}")
+          f"amp {args.amp_dtype}" + (f" | torch.compile {args.compile}" if args.compile else ""))
     extra = " train step ms | GPU ms / GPU ops of one step |" if args.profile else ""
     print(f"| model | lk_impl | train img/s | inference img/s |{extra}\n|---|---|---|---|"
           + ("---|---|" if args.profile else ""))
@@ -140,7 +149,8 @@ def main() -> None:
         base = None
         for impl in args.lk_impl.split(","):
             train, infer, gpu = measure(name, impl, AMP[args.amp_dtype], args.batch_size,
-                                        args.input_size, args.warmup, args.steps, args.profile)
+                                        args.input_size, args.warmup, args.steps, args.profile,
+                                        args.compile)
             base = base or (train, infer)
             row = (f"| {name} | {impl} | {train:.1f} ({train / base[0]:.2f}x) | "
                    f"{infer:.1f} ({infer / base[1]:.2f}x) |")

@@ -1,7 +1,8 @@
 """lknets' own large-kernel depthwise convolution for CUDA.
 
-``depthwise_conv2d(x, weight, bias=None, padding=None)`` runs our kernels (forward, input grad and
-weight grad; fp32/fp16/bf16 with fp32 accumulation; any layout; kernel sides 1..63; stride 1) as
+``depthwise_conv2d(x, weight, bias=None, padding=None, dilation=1)`` runs our kernels (forward,
+input grad and weight grad; fp32/fp16/bf16 with fp32 accumulation; any layout; kernel sides 1..63;
+stride 1; dilated convs as the undilated conv of their interleaved sub-grids) as
 the torch custom op ``lknets::dwconv2d`` (autograd, autocast, torch.compile and CUDA graphs work).
 ``DepthwiseConv2dImplicitGEMM`` is a drop-in for upstream's module of that name. The extension is
 built by ``python setup.py build_ext --inplace``, or compiled on first use and cached.
@@ -13,10 +14,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .ops import depthwise_conv2d, is_available, is_built, load_extension
+from .ops import (depthwise_conv2d, dilate_kernel, is_available, is_built, load_extension,
+                  merge_subgrids, split_subgrids)
 
-__all__ = ["depthwise_conv2d", "DepthwiseConv2dImplicitGEMM", "is_available", "is_built",
-           "load_extension"]
+__all__ = ["depthwise_conv2d", "DepthwiseConv2dImplicitGEMM", "dilate_kernel", "is_available",
+           "is_built", "load_extension", "merge_subgrids", "split_subgrids"]
 
 
 class DepthwiseConv2dImplicitGEMM(nn.Conv2d):

@@ -13,16 +13,27 @@ GEMM beyond (fp32 as 3xTF32), except that fp32 planes of 17 to 64 columns run th
 ``LKNETS_DWCONV_ALGO=direct|gemm|small|rows|mid`` forces one where it takes the shape
 (benchmarks, tests). The tensor-core paths are NCHW-native: other layouts are read and written
 through strides.
+
+Dilation has no kernel of its own; a dilated conv runs one of two ways. A conv with dilation d
+reads, for each output pixel, only the pixels of its own residue class (row mod d, column mod d),
+so it is the undilated conv of each of the d x d interleaved sub-grids of the image
+(``split_subgrids``): a batch d * d times larger through the k x k taps only, at the price of
+copying the sub-grids out and back. Or the kernel is expanded to its dense, zero-filled extent
+(``dilate_kernel``), which costs no copies but computes the zero taps. Sub-grids are taken for
+planes larger than 16 x 16 (the small-plane GEMM's range), where they measured faster
+(benchmarks/dilated_branches.py); ``LKNETS_DWCONV_DILATION=subgrids|dense`` forces one.
 """
 from __future__ import annotations
 
+import os
 import threading
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["depthwise_conv2d", "load_extension", "is_available", "is_built"]
+__all__ = ["depthwise_conv2d", "dilate_kernel", "load_extension", "is_available", "is_built",
+           "split_subgrids", "merge_subgrids"]
 
 _lock = threading.Lock()
 _state = {"loaded": False, "error": None}
@@ -181,25 +192,74 @@ def _pair(value) -> Tuple[int, int]:
     return int(first), int(second)
 
 
+def dilate_kernel(kernel: Tensor, dilation) -> Tensor:
+    """The dense kernel equivalent to ``kernel`` applied with ``dilation`` (int or pair): each
+    k-tap side becomes dilation * (k - 1) + 1 taps, with dilation - 1 zeros between the taps.
+    Differentiable: the dense kernel's gradient reaches the taps."""
+    dh, dw = _pair(dilation)
+    if (dh, dw) == (1, 1):
+        return kernel
+    kh, kw = kernel.shape[-2:]
+    dense = kernel.new_zeros(*kernel.shape[:-2], dh * (kh - 1) + 1, dw * (kw - 1) + 1)
+    dense[..., ::dh, ::dw] = kernel
+    return dense
+
+
+def _use_subgrids(height: int, width: int) -> bool:
+    forced = os.environ.get("LKNETS_DWCONV_DILATION")
+    if forced in ("subgrids", "dense"):
+        return forced == "subgrids"
+    return height * width > 256
+
+
+def split_subgrids(x: Tensor, dilation: Tuple[int, int]) -> Tensor:
+    """(N, C, H, W) -> (N * dh * dw, C, ceil(H / dh), ceil(W / dw)): image n's sub-grid of rows
+    ``a::dh`` and columns ``b::dw`` becomes image ``(n * dh + a) * dw + b``. Sub-grids shorter
+    than the longest are zero-filled at their end, as the conv's padding would be."""
+    n, c, h, w = x.shape
+    dh, dw = dilation
+    hs, ws = -(-h // dh), -(-w // dw)
+    if hs * dh != h or ws * dw != w:
+        x = torch.nn.functional.pad(x, (0, ws * dw - w, 0, hs * dh - h))
+    return x.view(n, c, hs, dh, ws, dw).permute(0, 3, 5, 1, 2, 4).reshape(n * dh * dw, c, hs, ws)
+
+
+def merge_subgrids(y: Tensor, dilation: Tuple[int, int], height: int, width: int) -> Tensor:
+    """The inverse of :func:`split_subgrids`: interleave the sub-grids of each image back into one
+    (N, C, height, width) image, dropping the zero-filled tail."""
+    dh, dw = dilation
+    b, c, hs, ws = y.shape
+    y = y.view(b // (dh * dw), dh, dw, c, hs, ws).permute(0, 3, 4, 1, 5, 2)
+    return y.reshape(b // (dh * dw), c, hs * dh, ws * dw)[:, :, :height, :width]
+
+
 def depthwise_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
-                     padding=None) -> Tensor:
+                     padding=None, dilation=1) -> Tensor:
     """Depthwise, stride-1 cross-correlation of CUDA ``x`` (N, C, H, W) with ``weight`` (C, 1, kh, kw).
 
-    ``padding`` (int or pair) defaults to ``(kh // 2, kw // 2)`` ('same' for odd kernels). Kernel
-    sides 1..63; fp32, fp16 or bf16 with fp32 accumulation; any memory layout. Under
-    ``torch.autocast`` the inputs are cast to the autocast dtype, as for ``F.conv2d``.
+    ``padding`` (int or pair) defaults to half the dilated kernel, ``dilation * (k // 2)`` ('same'
+    for odd kernels); with ``dilation`` (int or pair) above 1 it must be a multiple of it, as
+    'same' padding is. Kernel sides 1..63; fp32, fp16 or bf16 with fp32 accumulation; any memory
+    layout (a dilated conv returns NCHW-contiguous output). Under ``torch.autocast`` the inputs
+    are cast to the autocast dtype, as for ``F.conv2d``.
     """
     if x.dim() != 4 or weight.dim() != 4 or weight.shape[1] != 1 or weight.shape[0] != x.shape[1]:
         raise ValueError("depthwise_conv2d expects x (N, C, H, W) and weight (C, 1, kh, kw); got "
                          f"x {tuple(x.shape)} and weight {tuple(weight.shape)}")
     kh, kw = weight.shape[-2:]
-    pad_h, pad_w = (kh // 2, kw // 2) if padding is None else _pair(padding)
+    dh, dw = _pair(dilation)
+    pad_h, pad_w = (dh * (kh // 2), dw * (kw // 2)) if padding is None else _pair(padding)
     if not (1 <= kh <= 63 and 1 <= kw <= 63):
         raise ValueError(f"depthwise_conv2d: kernel sides must be within 1..63, got {kh}x{kw}")
-    if min(pad_h, pad_w) < 0 or min(x.shape[2] + 2 * pad_h - kh, x.shape[3] + 2 * pad_w - kw) < 0:
-        raise ValueError(f"depthwise_conv2d: kernel {kh}x{kw} with padding ({pad_h}, {pad_w}) does "
-                         f"not fit the input {tuple(x.shape)}; padding must be >= 0 and leave at "
-                         "least a 1x1 output")
+    if min(dh, dw) < 1 or pad_h % dh or pad_w % dw:
+        raise ValueError(f"depthwise_conv2d: dilation ({dh}, {dw}) must be >= 1 and divide the "
+                         f"padding ({pad_h}, {pad_w}) (as 'same' padding does)")
+    out_h = x.shape[2] + 2 * pad_h - dh * (kh - 1)
+    out_w = x.shape[3] + 2 * pad_w - dw * (kw - 1)
+    if min(pad_h, pad_w) < 0 or min(out_h, out_w) < 1:
+        raise ValueError(f"depthwise_conv2d: kernel {kh}x{kw} with dilation ({dh}, {dw}) and "
+                         f"padding ({pad_h}, {pad_w}) does not fit the input {tuple(x.shape)}; "
+                         "padding must be >= 0 and leave at least a 1x1 output")
     if torch.is_autocast_enabled("cuda") and x.is_cuda:
         dtype = torch.get_autocast_dtype("cuda")
         x, weight = x.to(dtype), weight.to(dtype)
@@ -208,6 +268,15 @@ def depthwise_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
         raise TypeError(f"depthwise_conv2d: input dtype {x.dtype}, weight dtype {weight.dtype}"
                         + (f", bias dtype {bias.dtype}" if bias is not None else "")
                         + " must match (or run under torch.autocast)")
+    if (dh, dw) == (1, 1):
+        return _undilated(x, weight, bias, pad_h, pad_w)
+    if _use_subgrids(x.shape[2], x.shape[3]):
+        y = _undilated(split_subgrids(x, (dh, dw)), weight, bias, pad_h // dh, pad_w // dw)
+        return merge_subgrids(y, (dh, dw), out_h, out_w)
+    return _undilated(x, dilate_kernel(weight, (dh, dw)), bias, pad_h, pad_w)
+
+
+def _undilated(x: Tensor, weight: Tensor, bias: Optional[Tensor], pad_h: int, pad_w: int) -> Tensor:
     if type(x) is Tensor and x.is_cuda and not torch.compiler.is_compiling():
         return _EagerDwconv2d.apply(x, weight, bias, pad_h, pad_w)
     return dwconv2d(x, weight, bias, pad_h, pad_w)

@@ -75,7 +75,7 @@ def get_lk_impl() -> str:
     return _lk_impl
 
 
-def _kernel_wins(x: torch.Tensor, kh: int, kw: int) -> bool:
+def _kernel_wins(x: torch.Tensor, kh: int, kw: int, dilation: Tuple[int, int] = (1, 1)) -> bool:
     """Where lknets' kernel measured faster than torch's path for the same input, training (forward
     and both gradients) and inference alike (benchmarks/RESULTS.md, bf16/fp16/fp32).
 
@@ -89,9 +89,26 @@ def _kernel_wins(x: torch.Tensor, kh: int, kw: int) -> bool:
     dtype = torch.get_autocast_dtype("cuda") if autocast else x.dtype
     if kh * kw < 9:
         return False
+    if dilation != (1, 1):
+        return _dilated_kernel_wins(x, kh, kw, dilation)
     if dtype == torch.float16 and kh == kw and kh <= 5:
         return False
     return not (kh * kw <= 49 and x.is_contiguous(memory_format=torch.channels_last))
+
+
+def _dilated_kernel_wins(x: torch.Tensor, kh: int, kw: int, dilation: Tuple[int, int]) -> bool:
+    """Dilated convs (UniRepLKNet's branches; benchmarks/dilated_branches.py, RESULTS.md) take
+    lknets' kernel under torch.compile only: per conv it was faster (bf16 f+b, 7x7 d2 at 14x14
+    0.684 -> 0.085 ms), but eagerly the sub-grid copies or the kernel's expansion are extra
+    launches, and UniRepLKNet-T trained at 0.73x of torch's rate with them. On NCHW planes above
+    16x16 that the dilation does not divide, 3x3 kernels stay on cuDNN, which wins there (the
+    sub-grids need zero-filling).
+    """
+    if not torch.compiler.is_compiling():
+        return False
+    h, w = x.shape[-2:]
+    nchw = x.is_contiguous()
+    return not (nchw and kh * kw <= 9 and h * w > 256 and (h % dilation[0] or w % dilation[1]))
 
 
 @torch.compiler.assume_constant_result
@@ -112,34 +129,40 @@ def _kernels_ready(strict: bool) -> bool:
 
 
 def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                     padding: Optional[IntOrPair] = None) -> torch.Tensor:
+                     padding: Optional[IntOrPair] = None, dilation: IntOrPair = 1) -> torch.Tensor:
     """Depthwise, stride-1 cross-correlation of ``x`` (N, C, H, W) with ``weight`` (C, 1, kh, kw).
 
-    ``padding`` defaults to ``(kh // 2, kw // 2)``, which keeps H and W for odd kernels. The
-    implementation follows :func:`set_lk_impl`.
+    ``padding`` defaults to ``dilation * (k // 2)``, which keeps H and W for odd kernels. The
+    implementation follows :func:`set_lk_impl`; lknets' kernel takes a dilated conv when the
+    padding is a multiple of the dilation ('same' padding is).
     """
     kh, kw = weight.shape[-2:]
-    pad = (kh // 2, kw // 2) if padding is None else to_2tuple(padding)
+    dh, dw = to_2tuple(dilation)
+    pad = (dh * (kh // 2), dw * (kw // 2)) if padding is None else to_2tuple(padding)
     impl = get_lk_impl()
-    if x.is_cuda and impl != "torch" and (impl == "cuda" or _kernel_wins(x, kh, kw)):
+    if (x.is_cuda and impl != "torch" and pad[0] % dh == 0 and pad[1] % dw == 0
+            and (impl == "cuda" or _kernel_wins(x, kh, kw, (dh, dw)))):
         if _kernels_ready(impl == "cuda"):
-            return _kernel_fn(x, weight, bias, pad)
-    return F.conv2d(x, weight, bias, 1, pad, 1, weight.shape[0])
+            return _kernel_fn(x, weight, bias, pad, (dh, dw))
+    return F.conv2d(x, weight, bias, 1, pad, (dh, dw), weight.shape[0])
 
 
 class DepthwiseConv2d(nn.Conv2d):
     """Depthwise stride-1 conv with 'same' padding; parameters and state_dict keys of nn.Conv2d.
 
-    A drop-in for upstream's ``DepthWiseConv2dImplicitGEMM(channels, kernel, bias)``.
+    A drop-in for upstream's ``DepthWiseConv2dImplicitGEMM(channels, kernel, bias)``, and, with
+    ``dilation``, for the ``nn.Conv2d`` of UniRepLKNet's dilated branches.
     """
 
-    def __init__(self, channels: int, kernel_size: IntOrPair, bias: bool = False) -> None:
+    def __init__(self, channels: int, kernel_size: IntOrPair, bias: bool = False,
+                 dilation: int = 1) -> None:
         kh, kw = to_2tuple(kernel_size)
-        super().__init__(channels, channels, (kh, kw), stride=1, padding=(kh // 2, kw // 2),
+        super().__init__(channels, channels, (kh, kw), stride=1,
+                         padding=(dilation * (kh // 2), dilation * (kw // 2)), dilation=dilation,
                          groups=channels, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return depthwise_conv2d(x, self.weight, self.bias, self.padding)
+        return depthwise_conv2d(x, self.weight, self.bias, self.padding, self.dilation)
 
 
 class LayerNorm2d(nn.LayerNorm):

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kernels.ops import dilate_kernel
 from .layers import DepthwiseConv2d, to_2tuple
 
 BatchNorm = nn.modules.batchnorm._BatchNorm
@@ -39,19 +40,6 @@ def pad_kernel_to(kernel: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:
         raise ValueError(f"cannot centre a {kh}x{kw} kernel in {th}x{tw}")
     ph, pw = (th - kh) // 2, (tw - kw) // 2
     return F.pad(kernel, (pw, pw, ph, ph))
-
-
-def dilate_kernel(kernel: torch.Tensor, dilation: int) -> torch.Tensor:
-    """The dense kernel equivalent to ``kernel`` applied with ``dilation``.
-
-    A k x k kernel becomes (dilation * (k - 1) + 1) square, with dilation - 1 zeros between taps.
-    """
-    if dilation == 1:
-        return kernel
-    kh, kw = kernel.shape[-2:]
-    dense = kernel.new_zeros(*kernel.shape[:-2], dilation * (kh - 1) + 1, dilation * (kw - 1) + 1)
-    dense[..., ::dilation, ::dilation] = kernel
-    return dense
 
 
 def merge_kernels(kernel: torch.Tensor, bias: torch.Tensor, other_kernel: torch.Tensor,

@@ -110,10 +110,7 @@ class DilatedReparamBlock(nn.Module):
         if not deploy:
             self.origin_bn = norm_layer(channels)
             for k, r in self.branches:
-                # Plain nn.Conv2d: the shared depthwise entry point is undilated.
-                self.add_module(_branch_name("conv", k, r), nn.Conv2d(
-                    channels, channels, k, padding=(r * (k - 1) + 1) // 2, dilation=r,
-                    groups=channels, bias=False))
+                self.add_module(_branch_name("conv", k, r), DepthwiseConv2d(channels, k, dilation=r))
                 self.add_module(_branch_name("bn", k, r), norm_layer(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -54,7 +54,7 @@ def test_bad_arguments_raise_clear_errors():
         kernels.depthwise_conv2d(x, torch.randn(3, 1, 3, 3))
     with pytest.raises(TypeError, match="must match"):
         kernels.depthwise_conv2d(x, torch.randn(4, 1, 3, 3, dtype=torch.float64))
-    with pytest.raises(ValueError, match=r"kernel 9x9 with padding \(0, 0\) does not fit the input "
+    with pytest.raises(ValueError, match=r"kernel 9x9 with dilation \(1, 1\) and padding \(0, 0\) does not fit the input "
                                          r"\(1, 4, 8, 8\)"):
         kernels.depthwise_conv2d(x, torch.randn(4, 1, 9, 9), padding=0)
     with pytest.raises(ValueError, match="padding must be >= 0"):
@@ -63,6 +63,61 @@ def test_bad_arguments_raise_clear_errors():
         kernels.depthwise_conv2d(x, torch.randn(4, 1, 65, 3))
     with pytest.raises(ValueError, match="choose one of"):
         layers.set_lk_impl("cutlass")
+
+
+@pytest.mark.parametrize("shape,k,dilation,pad", [
+    ((2, 3, 13, 11), (3, 3), (2, 3), None),
+    ((2, 3, 14, 14), (3, 3), (5, 5), None),   # UniRepLKNet's k3 d5 branch at 14x14
+    ((1, 2, 7, 7), (3, 3), (4, 4), None),     # sub-grids of 2x2 and 1x1 pixels
+    ((2, 3, 12, 9), (7, 5), (2, 1), (2, 4)),  # explicit padding: smaller output
+    ((1, 2, 10, 10), (4, 2), (3, 2), (3, 2)),  # even kernel: output larger than the input
+])
+def test_subgrids_make_a_dilated_conv_undilated(shape, k, dilation, pad):
+    x = torch.randn(shape, dtype=torch.float64)
+    w = torch.randn(shape[1], 1, *k, dtype=torch.float64)
+    dh, dw = dilation
+    pad = (dh * (k[0] // 2), dw * (k[1] // 2)) if pad is None else pad
+    subgrids = kernels.split_subgrids(x, dilation)
+    assert subgrids.shape == (shape[0] * dh * dw, shape[1], -(-shape[2] // dh), -(-shape[3] // dw))
+    torch.testing.assert_close(kernels.merge_subgrids(subgrids, dilation, *shape[2:]), x)
+    expected = F.conv2d(x, w, None, 1, pad, dilation, shape[1])
+    undilated = F.conv2d(subgrids, w, None, 1, (pad[0] // dh, pad[1] // dw), 1, shape[1])
+    torch.testing.assert_close(kernels.merge_subgrids(undilated, dilation, *expected.shape[2:]),
+                               expected, rtol=1e-12, atol=1e-12)
+    # The op's own shape logic, through its fake implementation.
+    y = kernels.depthwise_conv2d(x.to("meta"), w.to("meta"), None, pad, dilation)
+    assert y.shape == expected.shape
+
+
+def test_dense_dilated_kernel_passes_gradients_to_its_taps():
+    x = torch.randn(2, 3, 15, 13, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 1, 3, 5, dtype=torch.float64, requires_grad=True)
+    dense = kernels.dilate_kernel(w, (4, 2))
+    assert dense.shape == (3, 1, 9, 9) and kernels.dilate_kernel(w, 1) is w
+    y, y_ref = F.conv2d(x, dense, None, 1, 4, 1, 3), F.conv2d(x, w, None, 1, 4, (4, 2), 3)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    dy = torch.randn_like(y)
+    for g, g_ref in zip(torch.autograd.grad(y, [x, w], dy), torch.autograd.grad(y_ref, [x, w], dy)):
+        torch.testing.assert_close(g, g_ref, rtol=1e-12, atol=1e-12)
+
+
+def test_dilation_must_divide_the_padding():
+    x, w = torch.randn(1, 4, 12, 12), torch.randn(4, 1, 3, 3)
+    with pytest.raises(ValueError, match=r"dilation \(2, 2\) must be >= 1 and divide the padding "
+                                         r"\(3, 2\)"):
+        kernels.depthwise_conv2d(x, w, padding=(3, 2), dilation=2)
+    with pytest.raises(ValueError, match=r"dilation \(6, 6\) and padding \(0, 0\) does not fit"):
+        kernels.depthwise_conv2d(x, w, padding=0, dilation=6)
+
+
+def test_dilated_convs_off_the_kernel_fall_back_to_torch():
+    # CPU input, and a padding the sub-grids cannot express: both are torch's dilated conv.
+    x, w = torch.randn(2, 4, 11, 11), torch.randn(4, 1, 3, 3)
+    conv = layers.DepthwiseConv2d(4, 3, dilation=3)
+    assert conv.padding == (3, 3) and conv.dilation == (3, 3)
+    torch.testing.assert_close(conv(x), F.conv2d(x, conv.weight, None, 1, 3, 3, 4))
+    torch.testing.assert_close(layers.depthwise_conv2d(x, w, None, (2, 2), 3),
+                               F.conv2d(x, w, None, 1, 2, 3, 4))
 
 
 def test_implicit_gemm_module_is_a_conv2d_drop_in():
@@ -141,28 +196,28 @@ def _make(shape, dtype, layout, device="cuda"):
     return t.to(memory_format=torch.channels_last) if layout == "channels_last" else t
 
 
-def _reference(x, w, b, pad, dy):
+def _reference(x, w, b, pad, dy, dilation=1):
     xd = x.detach().double().requires_grad_()
     wd = w.detach().double().requires_grad_()
     bd = b.detach().double().requires_grad_() if b is not None else None
-    y = F.conv2d(xd, wd, bd, 1, pad, 1, x.shape[1])
+    y = F.conv2d(xd, wd, bd, 1, pad, dilation, x.shape[1])
     grads = torch.autograd.grad(y, [xd, wd] + ([bd] if bd is not None else []), dy.double())
     return y.detach(), grads
 
 
-def _check_all_directions(shape, k, dtype, layout, pad=None, bias=True):
+def _check_all_directions(shape, k, dtype, layout, pad=None, bias=True, dilation=(1, 1)):
     kh, kw = k
-    pad = (kh // 2, kw // 2) if pad is None else pad
+    pad = (dilation[0] * (kh // 2), dilation[1] * (kw // 2)) if pad is None else pad
     x = _make(shape, dtype, layout).requires_grad_()
     w = (torch.randn(shape[1], 1, kh, kw, device="cuda") / (kh * kw) ** 0.5).to(dtype)
     w.requires_grad_()
     b = torch.randn(shape[1], device="cuda", dtype=dtype).requires_grad_() if bias else None
     _poison()
-    y = kernels.depthwise_conv2d(x, w, b, pad)
+    y = kernels.depthwise_conv2d(x, w, b, pad, dilation)
     dy = _make(tuple(y.shape), dtype, layout)
-    y_ref, g_ref = _reference(x, w, b, pad, dy)
+    y_ref, g_ref = _reference(x, w, b, pad, dy, dilation)
     assert y.dtype == dtype and y.shape == y_ref.shape
-    if layout == "channels_last":
+    if layout == "channels_last" and dilation == (1, 1):
         assert y.is_contiguous(memory_format=torch.channels_last)
     _poison()
     grads = torch.autograd.grad(y, [x, w] + ([b] if bias else []), dy)
@@ -238,6 +293,28 @@ ALGO_SHAPES = [
     ((3, 4, 20, 37), (7, 21)),       # wide forward: odd width (element by element), 5 chunks
     ((2, 3, 33, 64), (5, 47)),       # wide forward: 8 chunks, chunk pairs up to 3 apart
 ]
+
+
+DILATED = [
+    ((3, 7, 28, 28), (7, 7), (2, 2)),    # UniRepLKNet's branches at stage 2 to 4
+    ((3, 7, 14, 14), (3, 3), (5, 5)),
+    ((4, 6, 7, 7), (3, 3), (4, 4)),
+    ((2, 5, 13, 11), (5, 3), (2, 3)),
+    ((2, 3, 30, 44), (9, 9), (3, 3)),
+]
+
+
+@gpu
+@pytest.mark.parametrize("shape,k,dilation", DILATED, ids=[f"{s}-{k[0]}x{k[1]}-d{d[0]}x{d[1]}"
+                                                           for s, k, d in DILATED])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "noncontig"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp32", "fp16", "bf16"])
+@pytest.mark.parametrize("how", ["subgrids", "dense"])
+def test_dilated_convs_match_float64(shape, k, dilation, layout, dtype, how, monkeypatch):
+    monkeypatch.setenv("LKNETS_DWCONV_DILATION", how)
+    torch.manual_seed(hash((shape, k, dilation)) % 1000)
+    _check_all_directions(shape, k, dtype, layout, dilation=dilation)
 
 
 @gpu

@@ -75,7 +75,8 @@ def test_large_kernels_use_the_shared_entry_point_and_branches_are_dilated_convs
         assert type(block.lk_origin) is DepthwiseConv2d and block.lk_origin.kernel_size == (13, 13)
         dilated = [m for n, m in block.named_children() if n.startswith("dil_conv_")]
         assert [(m.kernel_size[0], m.dilation[0]) for m in dilated] == list(DILATED_BRANCHES[13])
-        assert all(type(m) is nn.Conv2d for m in dilated)
+        assert all(type(m) is DepthwiseConv2d and m.bias is None for m in dilated)
+        assert [m.padding[0] for m in dilated] == [r * (k - 1) // 2 for k, r in DILATED_BRANCHES[13]]
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
