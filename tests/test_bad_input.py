@@ -70,6 +70,13 @@ def test_invalid_boolean_is_rejected_by_the_parser(capsys):
     assert "expected a boolean" in capsys.readouterr().err
 
 
+def test_unknown_compile_mode_lists_the_modes(capsys):
+    with pytest.raises(SystemExit) as exc:
+        lk_main.cli(BASE + ["--compile", "fast"])
+    assert exc.value.code == 2
+    assert "invalid choice: 'fast'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("text, value", [("true", True), ("True", True), ("yes", True),
                                          ("1", True), ("false", False), ("False", False),
                                          ("no", False), ("0", False)])

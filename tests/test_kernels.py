@@ -168,6 +168,23 @@ def test_auto_dispatch_rule(dtype, k, layout, size, expected):
     assert layers._kernel_wins(x, k, k) is expected
 
 
+@pytest.mark.parametrize("layout,size,k,dilation,expected", [
+    ("nchw", 28, 7, 2, True),
+    ("nchw", 28, 3, 4, True),            # 7x7 sub-grids
+    ("nchw", 28, 3, 3, False),           # zero-filled 10x10 sub-grids: cuDNN wins
+    ("nchw", 28, 3, 5, False),
+    ("channels_last", 28, 3, 3, True),   # cuDNN's channels_last dilated convs are slow
+    ("nchw", 14, 3, 5, True),            # dense zero-filled kernel on the small-plane GEMM
+])
+def test_dilated_dispatch_rule(layout, size, k, dilation, expected, monkeypatch):
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    x = torch.empty(2, 8, size, size, dtype=torch.bfloat16).contiguous(memory_format=fmt)
+    # Eagerly the extra copies cost more host time than the kernel saves: always torch.
+    assert layers._kernel_wins(x, k, k, (dilation, dilation)) is False
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert layers._kernel_wins(x, k, k, (dilation, dilation)) is expected
+
+
 def test_importing_kernels_compiles_nothing():
     assert not kernels.ops._state["loaded"] or kernels.is_built() or torch.cuda.is_available()
 

@@ -193,3 +193,16 @@ def test_ema_forced_to_cpu_trains_and_evaluates(tmp_path):
     assert 0 < stats["test_acc1_ema"] <= 100
     ckpt = torch.load(tmp_path / "checkpoint-0.pth", map_location="cpu", weights_only=False)
     assert ckpt["model_ema"].keys() == ckpt["model"].keys()
+
+
+def test_compiled_training_matches_eager_and_saves_plain_keys(tmp_path):
+    # One epoch through torch.compile (inductor on the CPU here) against the same seeded run
+    # eagerly: same losses up to kernel-fusion rounding, and checkpoints keyed as the plain model.
+    argv = FAST + ["--epochs", "1", "--mixup", "0", "--cutmix", "0", "--train_subset", "320"]
+    eager = run(argv + ["--output_dir", str(tmp_path / "eager")])
+    compiled = run(argv + ["--compile", "--output_dir", str(tmp_path / "compiled")])
+    assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-3)
+    assert compiled["test_loss"] == pytest.approx(eager["test_loss"], rel=1e-3)
+    keys = [torch.load(tmp_path / d / "checkpoint-0.pth", map_location="cpu",
+                       weights_only=False)["model"].keys() for d in ("eager", "compiled")]
+    assert list(keys[0]) == list(keys[1])
