@@ -4,19 +4,24 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import multiprocessing
 import os
 import random
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+import sys
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
 from timm.data import create_transform
+from timm.data.auto_augment import AugMixAugment, AugmentOp, AutoAugment, RandAugment
 from timm.data.constants import (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD,
                                  IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD)
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets, transforms
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
+import utils
 from utils import UserError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -50,6 +55,7 @@ class FashionMNIST(Dataset):
         prefix = "train" if train else "t10k"
         images = _find_idx(root, f"{prefix}-images-idx3-ubyte")
         labels = _find_idx(root, f"{prefix}-labels-idx1-ubyte")
+        self.labels_path = labels
         self.images = _read_idx(images)
         self.targets = _read_idx(labels).astype(np.int64).tolist()
         if len(self.images) != len(self.targets):
@@ -92,22 +98,188 @@ def _require_dir(path: Optional[str], what: str) -> str:
     return path
 
 
-def _image_folder(root: str, transform: Callable) -> datasets.ImageFolder:
-    _require_dir(root, "image folder")
+def _names(items: Sequence[str], limit: int = 5) -> str:
+    """``a, b, c`` for a message; long lists end in ``... (N in all)`` to keep it one line."""
+    shown = ", ".join(items[:limit])
+    return shown if len(items) <= limit else f"{shown}, ... ({len(items)} in all)"
+
+
+def _class_folders(root: str, split: str) -> List[str]:
+    """The class folder names of an ImageFolder root (sorted, as ImageFolder numbers them)."""
     try:
-        return datasets.ImageFolder(root, transform=transform)
-    except (FileNotFoundError, RuntimeError) as err:
-        raise UserError(f"no images found in {root} (expected {root}/<class>/<image>): "
-                        f"{err}") from err
+        classes, _ = find_classes(root)
+    except FileNotFoundError as err:
+        raise UserError(f"no images found in {root}: it has no class folders (expected "
+                        f"{root}/<class>/<image>)") from err
+    if len(classes) < 2:
+        raise UserError(f"the {split} data {root} has a single class folder ({classes[0]}); "
+                        f"a classifier needs at least two ({root}/<class>/<image>)")
+    return classes
+
+
+def _check_image_folders(args: argparse.Namespace, data_set: str) -> None:
+    """Checks that need only the folder names, before any folder is scanned for its images
+    (minutes on ImageNet): the eval folder is given, each split has two or more classes, and
+    train and eval name the same classes. ImageFolder numbers classes by sorted name, so
+    differing names would mislabel the eval images silently even when the counts agree."""
+    training = not args.eval
+    evaluating = args.eval or not args.disable_eval
+    if data_set == "IMNET":
+        base = _require_dir(args.data_path, "IMNET")
+        train_root, eval_root = os.path.join(base, "train"), os.path.join(base, "val")
+    else:
+        # Without --eval_data_path lknets used to evaluate on the training images, which
+        # reports a meaningless accuracy; the eval set is always named explicitly now.
+        if evaluating and not args.eval_data_path:
+            raise UserError("--data_set image_folder evaluates on --eval_data_path, which is not "
+                            "set: pass --eval_data_path DIR" +
+                            ("" if args.eval else " (or --disable_eval true to train without "
+                             "evaluating)"))
+        train_root = _require_dir(args.data_path, "image_folder") if training else None
+        eval_root = args.eval_data_path
+        if evaluating and not os.path.isdir(eval_root):
+            raise UserError(f"--eval_data_path {eval_root} does not exist or is not a directory")
+    train_classes = _class_folders(train_root, "train") if training else None
+    eval_classes = _class_folders(eval_root, "eval") if evaluating else None
+    if train_classes and eval_classes and train_classes != eval_classes:
+        only_train = [c for c in train_classes if c not in eval_classes]
+        only_eval = [c for c in eval_classes if c not in train_classes]
+        raise UserError(f"the class folders of the train data {train_root} and the eval data "
+                        f"{eval_root} differ: only in train: {_names(only_train) or '-'}; only "
+                        f"in eval: {_names(only_eval) or '-'} (both need the same class names)")
+
+
+class UndecodableImageError(UserError):
+    """An image file PIL cannot open or decode (truncated, corrupt, not an image at all)."""
+
+    def __init__(self, message: str, path: str = "", reason: str = "") -> None:
+        # Images are decoded in DataLoader worker processes, and torch re-raises a worker's
+        # exception in the main process as type(exc)("Caught UndecodableImageError in DataLoader
+        # worker process N.\nOriginal Traceback ..."), a text that ends with this exception's
+        # formatted line "datasets.UndecodableImageError: <message>". Keeping only <message>
+        # gives the user the same single "error: ..." line with and without workers.
+        name = type(self).__name__
+        if message.startswith(f"Caught {name} ") and "\nOriginal Traceback" in message:
+            message = message.rstrip().rsplit("\n", 1)[-1].split(f"{name}: ", 1)[-1]
+        super().__init__(message)
+        self.path = path
+        self.reason = reason
+
+
+def load_rgb(path: str) -> Image.Image:
+    """ImageFolder's loader: the image at ``path`` decoded in full as RGB, or an
+    UndecodableImageError naming the file."""
+    try:
+        with open(path, "rb") as f:
+            # convert() decodes every pixel here, so a truncated file fails now, naming its
+            # path, rather than later inside a transform.
+            return Image.open(f).convert("RGB")
+    # PIL's decoders fail with many exception types (OSError, SyntaxError, ValueError,
+    # struct.error, DecompressionBombError, ...); nothing but this one file is handled here.
+    except Exception as err:  # noqa: BLE001 - reported with the file's path
+        if isinstance(err, UnidentifiedImageError):  # its own text repeats the path
+            reason = "not an image in a format PIL reads"
+        else:
+            reason = " ".join(str(err).split()) or type(err).__name__  # one line
+        raise UndecodableImageError(f"cannot decode {path}: {reason}; pass --skip_bad_images "
+                                    "true to skip such files", path=path, reason=reason) from err
+
+
+def _image_folder(root: str, transform: Callable) -> datasets.ImageFolder:
+    # allow_empty: an empty class folder gets the message below, naming it, instead of
+    # torchvision's error.
+    dataset = datasets.ImageFolder(root, transform=transform, loader=load_rgb, allow_empty=True)
+    found = set(dataset.targets)
+    empty = [os.path.join(root, c) for i, c in enumerate(dataset.classes) if i not in found]
+    if empty:
+        raise UserError(f"no images found in class folder{'s' if len(empty) > 1 else ''} "
+                        f"{_names(empty)} (accepted extensions: {', '.join(IMG_EXTENSIONS)})")
+    return dataset
+
+
+# The target of an eval sample that stands in for an undecodable image: the loss ignores it
+# (torch's default ignore_index) and engine.evaluate counts it nowhere.
+IGNORED_TARGET = -100
+
+
+class SkipUndecodable(Dataset):
+    """--skip_bad_images: a sample whose image cannot be decoded is replaced by the next
+    decodable one, with a warning naming the file.
+
+    Replacing (rather than dropping) keeps every batch full, which mixup's even batches need,
+    and the replacement depends only on the index, so runs stay reproducible. In evaluation
+    (``ignore_substitutes``) a replacement carries IGNORED_TARGET, so no image is scored twice.
+    Skips are counted in shared memory because DataLoader worker processes do the decoding; the
+    main process reads the count with :meth:`take_skipped` (see :func:`report_skipped`).
+    """
+
+    def __init__(self, dataset: Dataset, split: str, ignore_substitutes: bool = False) -> None:
+        self.dataset = dataset
+        self.split = split
+        self.ignore_substitutes = ignore_substitutes
+        self.skipped = multiprocessing.Value("q", 0)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> Any:
+        size = len(self.dataset)
+        last: Optional[UndecodableImageError] = None
+        for offset in range(size):
+            try:
+                image, target = self.dataset[(index + offset) % size]
+            except UndecodableImageError as err:
+                last = err
+                # Only the index's own file is reported and counted; a failing substitute is
+                # reported when its own index is loaded.
+                if offset == 0:
+                    # Written to stdout directly: print() is silenced on all ranks but the
+                    # first (utils.setup_for_distributed), and each rank meets its own files.
+                    sys.stdout.write(f"WARNING: skipping undecodable image {err.path}: "
+                                     f"{err.reason}\n")
+                    sys.stdout.flush()
+                    with self.skipped.get_lock():
+                        self.skipped.value += 1
+                continue
+            return image, IGNORED_TARGET if offset and self.ignore_substitutes else target
+        raise UndecodableImageError(f"none of the {size} images of the {self.split} data can be "
+                                    f"decoded (the last: {last.path}: {last.reason})")
+
+    def take_skipped(self) -> int:
+        """The number of samples skipped since the last call (and the count reset to 0)."""
+        with self.skipped.get_lock():
+            count, self.skipped.value = self.skipped.value, 0
+        return count
+
+
+def report_skipped(loader: Optional[DataLoader], when: str, device: torch.device) -> None:
+    """Prints how many undecodable images ``loader`` skipped (summed over processes) since the
+    last report, as ``Skipped N undecodable images in <when>``; nothing without
+    --skip_bad_images. Every process must call it (the count is all-reduced)."""
+    dataset = getattr(loader, "dataset", None)
+    while dataset is not None and not isinstance(dataset, SkipUndecodable):
+        dataset = getattr(dataset, "dataset", None)  # through Subset / EpochSeededDataset
+    if dataset is None:
+        return
+    count = torch.tensor([dataset.take_skipped()], dtype=torch.int64)
+    if utils.is_dist_avail_and_initialized():
+        count = count.to(device)
+        torch.distributed.all_reduce(count)
+    total = int(count.item())
+    print(f"Skipped {total} undecodable image{'' if total == 1 else 's'} in {when}")
 
 
 def build_dataset(is_train: bool, args: argparse.Namespace) -> Tuple[Dataset, int]:
     """The train or eval split of --data_set with its transform, and its number of classes."""
     data_set = resolve_data_set(args)
+    split = "train" if is_train else "eval"
+    if data_set in ("IMNET", "image_folder") and (is_train or args.eval):
+        _check_image_folders(args, data_set)  # on the first call, for both splits
     transform = build_transform(is_train, args)
     if data_set == "fashion_mnist":
         dataset = FashionMNIST(args.data_path or FASHION_MNIST_DIR, is_train, transform)
         nb_classes = len(FASHION_MNIST_CLASSES)
+        source = dataset.labels_path
     elif data_set in ("CIFAR", "CIFAR100", "CIFAR10"):
         root = _require_dir(args.data_path, data_set)
         cls = datasets.CIFAR10 if data_set == "CIFAR10" else datasets.CIFAR100
@@ -117,22 +289,32 @@ def build_dataset(is_train: bool, args: argparse.Namespace) -> Tuple[Dataset, in
             raise UserError(f"{cls.__name__} files not found under {root} (lknets never "
                             f"downloads; place the extracted python version there): {err}") from err
         nb_classes = len(dataset.classes)
-    elif data_set == "IMNET":
-        root = os.path.join(_require_dir(args.data_path, "IMNET"), "train" if is_train else "val")
-        dataset = _image_folder(root, transform)
-        nb_classes = len(dataset.classes)
-    elif data_set == "image_folder":
-        root = args.data_path if is_train else (args.eval_data_path or args.data_path)
-        dataset = _image_folder(_require_dir(root, "image_folder"), transform)
+        source = root
+    elif data_set in ("IMNET", "image_folder"):
+        if data_set == "IMNET":
+            source = os.path.join(args.data_path, "train" if is_train else "val")
+        else:
+            source = args.data_path if is_train else args.eval_data_path
+        dataset = _image_folder(source, transform)
         nb_classes = len(dataset.classes)
     else:
         raise UserError(f"unknown --data_set {data_set!r}; choose from {', '.join(DATA_SETS)}")
     if args.nb_classes is not None and args.nb_classes != nb_classes:
+        classes = f": {_names(dataset.classes)}" if data_set in ("IMNET", "image_folder") else ""
         raise UserError(f"--nb_classes {args.nb_classes} does not match the {nb_classes} classes "
-                        f"of the {'train' if is_train else 'eval'} data ({data_set})")
+                        f"of the {split} data in {source} ({data_set}{classes})")
+    # Labels read from files (Fashion-MNIST, CIFAR) could hold any value; one outside the
+    # classes would fail deep inside the loss, mid-epoch.
+    outside = [t for t in set(dataset.targets) if not 0 <= t < nb_classes]
+    if outside:
+        raise UserError(f"the {split} labels in {source} include "
+                        f"{_names([str(t) for t in sorted(outside)])}, outside the {nb_classes} "
+                        f"classes 0..{nb_classes - 1} of {data_set}")
     subset = args.train_subset if is_train else args.eval_subset
     if subset:
         dataset = Subset(dataset, stratified_indices(dataset.targets, subset))
+    if args.skip_bad_images:
+        dataset = SkipUndecodable(dataset, split, ignore_substitutes=not is_train)
     return dataset, nb_classes
 
 
@@ -186,6 +368,49 @@ class EpochSeededDataset(Dataset):
                 np.random.set_state(np_state)
 
 
+def posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
+    """Keeps the ``bits_to_keep`` most significant bits of each channel: 0 gives a black image
+    (all bits masked off), 8 or more the image unchanged."""
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def _augment_ops(transform: Any) -> Iterator[AugmentOp]:
+    """Every timm AugmentOp inside a built transform: RandAugment's and AugMix's ops and each
+    AutoAugment sub-policy's, found through Compose."""
+    if isinstance(transform, AugmentOp):
+        yield transform
+    elif isinstance(transform, transforms.Compose):
+        for step in transform.transforms:
+            yield from _augment_ops(step)
+    elif isinstance(transform, (RandAugment, AugMixAugment)):
+        for op in transform.ops:
+            yield from _augment_ops(op)
+    elif isinstance(transform, AutoAugment):
+        for sub_policy in transform.policy:
+            for op in sub_policy:
+                yield from _augment_ops(op)
+
+
+def guard_posterize(transform: Callable) -> Callable:
+    """Points the Posterize ops of a timm transform at :func:`posterize`; returns ``transform``.
+
+    timm's Posterize levels can ask for 0 bits (RandAugment's 'inc1' PosterizeIncreasing at
+    magnitude 10, reached through mstd noise; AutoAugment v0's ('Posterize', 0.8, 2)), and newer
+    Pillow releases reject ImageOps.posterize(img, 0) with a ValueError where older ones
+    returned a black image: about one image in a thousand would then stop training with the
+    default --aa. The fix is made on this transform's own ops, not in timm's module-level op
+    table, so importing lknets leaves timm's behaviour for other code unchanged.
+    """
+    for op in _augment_ops(transform):
+        if op.name.startswith("Posterize"):
+            op.aug_fn = posterize
+    return transform
+
+
 def build_transform(is_train: bool, args: argparse.Namespace) -> Callable:
     """timm's training pipeline, or ConvNeXt's eval resize + centre crop (warp at >= 384)."""
     mean, std = ((IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
@@ -198,6 +423,7 @@ def build_transform(is_train: bool, args: argparse.Namespace) -> Callable:
             auto_augment=None if args.aa in (None, "", "none") else args.aa,
             interpolation=args.train_interpolation, re_prob=args.reprob, re_mode=args.remode,
             re_count=args.recount, mean=mean, std=std)
+        guard_posterize(transform)
         if cifar_sized:  # CIFAR images already have the input size: pad-and-crop instead
             transform.transforms[0] = transforms.RandomCrop(args.input_size, padding=4)
         return transform

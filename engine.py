@@ -4,13 +4,15 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from typing import Dict, Iterable, Optional
+from typing import Any, Dict, Iterable, List, Optional
 
 import numpy as np
 import torch
 from timm.data import Mixup
+from torch.nn.parallel import DistributedDataParallel
 
 import utils
+from datasets import IGNORED_TARGET
 from sparse import Masking
 
 
@@ -19,6 +21,85 @@ def autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
     if amp_dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+def _ddp_module(model: torch.nn.Module) -> Optional[DistributedDataParallel]:
+    """The DistributedDataParallel wrapper of ``model``, also under torch.compile's
+    OptimizedModule (main.py compiles the DDP model), or None for a plain module."""
+    model = getattr(model, "_orig_mod", model)
+    return model if isinstance(model, DistributedDataParallel) else None
+
+
+class _StepRecords:
+    """Per-iteration training metrics, held on the device until the next progress line.
+
+    Reading a CUDA tensor on the host (``.item()``) waits for every kernel queued so far; doing
+    it for each micro-batch would stall the GPU's queue every iteration. The records are copied
+    to the host in one transfer by ``flush()``, right before MetricLogger prints a progress line
+    and at the end of the epoch, and then reach the meters and TensorBoard as the same floats,
+    in the same order and with the same steps as if they had been read at once.
+    """
+
+    def __init__(self, metric_logger: utils.MetricLogger,
+                 log_writer: Optional[utils.TensorboardLogger], epoch: int) -> None:
+        self.metric_logger = metric_logger
+        self.log_writer = log_writer
+        self.epoch = epoch
+        self.records: List[Dict[str, Any]] = []
+        self.tensors: List[torch.Tensor] = []
+
+    def _hold(self, value: Optional[torch.Tensor]) -> Optional[int]:
+        if value is None:
+            return None
+        # float64 holds every floating dtype's values exactly: the floats logged are those that
+        # .item() on the original tensor would have given.
+        self.tensors.append(value.detach().double().reshape(()))
+        return len(self.tensors) - 1
+
+    def add(self, data_iter_step: int, update: int, loss: torch.Tensor,
+            class_acc: Optional[torch.Tensor], grad_norm: Optional[torch.Tensor],
+            optimizer: torch.optim.Optimizer, log_step: Optional[int]) -> None:
+        """Record one iteration; ``log_step`` is its TensorBoard step (None: not written)."""
+        lrs = [g["lr"] for g in optimizer.param_groups]
+        weight_decay = max((g["weight_decay"] for g in optimizer.param_groups), default=0.0)
+        self.records.append({
+            "data_iter_step": data_iter_step, "update": update, "log_step": log_step,
+            "loss": self._hold(loss), "class_acc": self._hold(class_acc),
+            "grad_norm": self._hold(grad_norm), "lr": max(lrs), "min_lr": min(lrs),
+            "weight_decay": weight_decay})
+
+    def flush(self) -> None:
+        """Copy the held values to the host and log them; raise UserError at the first
+        non-finite loss."""
+        if not self.records:
+            return
+        # A grad norm without gradients is a CPU zero; everything else is on the loss's device.
+        device = self.tensors[0].device
+        values = torch.stack([t.to(device) for t in self.tensors]).tolist()
+        records, self.records, self.tensors = self.records, [], []
+        for rec in records:
+            loss, class_acc, grad_norm = (None if rec[name] is None else values[rec[name]]
+                                          for name in ("loss", "class_acc", "grad_norm"))
+            if not math.isfinite(loss):
+                raise utils.UserError(
+                    f"loss is {loss} at epoch {self.epoch}, iteration {rec['data_iter_step']} "
+                    f"(update {rec['update']}); stopping. Lower --lr, set --clip_grad, or try "
+                    "--amp_dtype bfloat16")
+            self.metric_logger.update(loss=loss, class_acc=class_acc, lr=rec["lr"],
+                                      min_lr=rec["min_lr"], weight_decay=rec["weight_decay"],
+                                      grad_norm=grad_norm)
+            if self.log_writer is not None and rec["log_step"] is not None:
+                self.log_writer.update(head="loss", step=rec["log_step"], loss=loss,
+                                       class_acc=class_acc)
+                self.log_writer.update(head="opt", step=rec["log_step"], lr=rec["lr"],
+                                       min_lr=rec["min_lr"], weight_decay=rec["weight_decay"],
+                                       grad_norm=grad_norm)
+
+
+def _wait_for_device(device: torch.device) -> None:
+    """Let queued CUDA work finish, so a wall-clock reading covers it (twice an epoch)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loader: Iterable,
@@ -36,12 +117,19 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
     lr and weight decay follow the per-update schedules (lr times each group's ``lr_scale``).
     With ``masking`` (SLaK sparse training) the masks are re-applied, and every ``-u`` updates
     pruned and regrown, after each optimizer update, whether or not AMP made it.
+    Under DDP the gradients are all-reduced once per update, not per micro-batch; the metrics
+    stay on the device until a progress line is printed (every ``print_freq`` iterations and
+    at the last).
     """
     model.train(True)
     metric_logger = utils.MetricLogger()
     metric_logger.add_meter("lr", utils.SmoothedValue(window_size=1, fmt="{value:.6f}"))
     metric_logger.add_meter("min_lr", utils.SmoothedValue(window_size=1, fmt="{value:.6f}"))
     header = f"Epoch: [{epoch}]"
+    records = _StepRecords(metric_logger, log_writer, epoch)
+    # Under DDP every backward all-reduces the gradients; accumulation micro-steps run inside
+    # no_sync() so that happens once per update, on the summed gradients of all micro-batches.
+    ddp = _ddp_module(model)
     optimizer.zero_grad()
     params = [p for p in model.parameters() if p.requires_grad]
     total = num_training_steps_per_epoch * update_freq
@@ -49,12 +137,18 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
     timed_from = min(5, total // 2)
     timed_start, timed_images = None, 0
 
+    # A non-finite loss is found when the records are flushed, at the next progress line: the
+    # message still names the first such iteration, but training (optimizer steps included) may
+    # have gone on for up to print_freq - 1 more iterations. Nothing is saved before the epoch
+    # ends, so no such weights reach a checkpoint.
     for data_iter_step, (samples, targets) in enumerate(
-            metric_logger.log_every(data_loader, print_freq, header, total=total)):
+            metric_logger.log_every(data_loader, print_freq, header, total=total,
+                                    before_print=records.flush)):
         step = data_iter_step // update_freq
         if step >= num_training_steps_per_epoch:
             break
         if data_iter_step == timed_from:
+            _wait_for_device(device)
             timed_start = time.perf_counter()
         if timed_start is not None:
             timed_images += samples.shape[0]
@@ -71,18 +165,15 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
         if mixup_fn is not None:
             samples, targets = mixup_fn(samples, targets)
 
-        with autocast(device, amp_dtype):
-            output = model(samples)
-            loss = criterion(output, targets)
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
-            raise utils.UserError(
-                f"loss is {loss_value} at epoch {epoch}, iteration {data_iter_step} (update {it}); "
-                "stopping. Lower --lr, set --clip_grad, or try --amp_dtype bfloat16")
-
         update_grad = (data_iter_step + 1) % update_freq == 0
-        grad_norm = loss_scaler(loss / update_freq, optimizer, clip_grad=max_norm,
-                                parameters=params, update_grad=update_grad)
+        # DDP decides in the forward whether the backward reduces, so both run in no_sync().
+        with (ddp.no_sync() if ddp is not None and not update_grad
+              else contextlib.nullcontext()):
+            with autocast(device, amp_dtype):
+                output = model(samples)
+                loss = criterion(output, targets)
+            grad_norm = loss_scaler(loss / update_freq, optimizer, clip_grad=max_norm,
+                                    parameters=params, update_grad=update_grad)
         if update_grad:
             if masking is not None and masking.step():
                 print(masking.density_report())
@@ -92,26 +183,21 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
                 if masking is not None:
                     masking.update_ema(model_ema.module)
 
-        if device.type == "cuda":
-            torch.cuda.synchronize()
         class_acc = None
         if mixup_fn is None:
-            class_acc = (output.argmax(dim=-1) == targets).float().mean().item()
-        lrs = [g["lr"] for g in optimizer.param_groups]
-        weight_decay = max((g["weight_decay"] for g in optimizer.param_groups), default=0.0)
-        metric_logger.update(loss=loss_value, class_acc=class_acc, lr=max(lrs), min_lr=min(lrs),
-                             weight_decay=weight_decay,
-                             grad_norm=grad_norm.item() if grad_norm is not None else None)
+            class_acc = (output.argmax(dim=-1) == targets).float().mean()
+        log_step = None
         if log_writer is not None and update_grad:
-            log_writer.update(head="loss", loss=loss_value, class_acc=class_acc)
-            log_writer.update(head="opt", lr=max(lrs), min_lr=min(lrs), weight_decay=weight_decay,
-                              grad_norm=grad_norm)
+            log_step = log_writer.step
             log_writer.set_step()
+        records.add(data_iter_step, it, loss, class_acc, grad_norm, optimizer, log_step)
 
+    records.flush()
     metric_logger.synchronize_between_processes()
     print("Averaged stats:", metric_logger)
     stats = {name: meter.global_avg for name, meter in metric_logger.meters.items()}
     if timed_start is not None and timed_images > 0:
+        _wait_for_device(device)
         # All processes run in lockstep under DDP, so one process's rate times their number.
         rate = timed_images * utils.get_world_size() / (time.perf_counter() - timed_start)
         stats["images_per_sec"] = rate
@@ -122,29 +208,39 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
 @torch.no_grad()
 def evaluate(data_loader: Iterable, model: torch.nn.Module, device: torch.device,
              amp_dtype: Optional[torch.dtype] = None, header: str = "Test:") -> Dict[str, float]:
-    """Loss, top-1 and top-5 accuracy (%) over the whole loader, summed exactly across ranks."""
-    criterion = torch.nn.CrossEntropyLoss(reduction="sum")
+    """Loss, top-1 and top-5 accuracy (%) over the whole loader, summed exactly across ranks.
+
+    Samples whose target is IGNORED_TARGET (stand-ins for undecodable images) count nowhere.
+    Per-batch sums stay on the device until a progress line is printed, as in training.
+    """
+    criterion = torch.nn.CrossEntropyLoss(reduction="sum", ignore_index=IGNORED_TARGET)
     model.eval()
-    totals = torch.zeros(4, dtype=torch.float64)  # loss sum, correct@1, correct@5, samples
+    totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss, @1, @5, samples
+    pending: List[torch.Tensor] = []
     metric_logger = utils.MetricLogger()
-    for images, target in metric_logger.log_every(data_loader, 10, header):
+
+    def flush() -> None:
+        for loss_sum, correct1, correct5, count in torch.stack(pending).tolist():
+            count = max(count, 1.0)
+            metric_logger.update(loss=loss_sum / count, acc1=100.0 * correct1 / count,
+                                 acc5=100.0 * correct5 / count)
+        pending.clear()
+
+    for images, target in metric_logger.log_every(data_loader, 10, header, before_print=flush):
         images = images.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
         with autocast(device, amp_dtype):
             output = model(images)
         output = output.float()
-        topk = output.topk(min(5, output.shape[1]), dim=1).indices
-        hits = topk.eq(target[:, None])
-        batch = images.shape[0]
-        loss_sum = criterion(output, target).item()
-        correct1, correct5 = hits[:, 0].sum().item(), hits.any(dim=1).sum().item()
-        totals += torch.tensor([loss_sum, correct1, correct5, batch], dtype=torch.float64)
-        metric_logger.update(loss=loss_sum / batch, acc1=100.0 * correct1 / batch,
-                             acc5=100.0 * correct5 / batch)
+        scored = target != IGNORED_TARGET
+        hits = output.topk(min(5, output.shape[1]), dim=1).indices.eq(target[:, None])
+        hits = hits & scored[:, None]
+        batch_sums = torch.stack([criterion(output, target), hits[:, 0].sum(),
+                                  hits.any(dim=1).sum(), scored.sum()]).double()
+        totals += batch_sums
+        pending.append(batch_sums)
     if utils.is_dist_avail_and_initialized():
-        totals = totals.to(device)
         torch.distributed.all_reduce(totals)
-        totals = totals.cpu()
     loss_sum, correct1, correct5, count = totals.tolist()
     count = max(count, 1.0)
     stats = {"loss": loss_sum / count, "acc1": 100.0 * correct1 / count,

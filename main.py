@@ -9,19 +9,21 @@ import argparse
 import datetime
 import os
 import sys
+import tempfile
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 import torch.backends.cudnn as cudnn
 from timm.data.mixup import Mixup
+from timm.optim import create_optimizer_v2, list_optimizers
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV2
 from torch.utils.data import DataLoader, DistributedSampler
 
 import models
 import utils
-from datasets import DATA_SETS, EpochSeededDataset, build_dataset
+from datasets import DATA_SETS, EpochSeededDataset, build_dataset, report_skipped
 from engine import evaluate, train_one_epoch
 from optim_factory import create_optimizer
 from sparse import Masking, add_sparse_args
@@ -133,6 +135,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model_key", default="model|module", type=str,
                         help="which key to load from saved state dict, usually model or model_ema")
     parser.add_argument("--model_prefix", default="", type=str)
+    parser.add_argument("--trust_checkpoint", type=str2bool, default=False,
+                        help="load --resume/--finetune/auto-resume checkpoints without the "
+                             "weights-only guard: unpickling can then run code from the file, "
+                             "so only for files you trust (default: weights only, which every "
+                             "lknets and upstream release checkpoint passes)")
 
     # Data
     parser.add_argument("--data_path", default=None, type=str,
@@ -149,6 +156,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="train on a class-balanced subset of this many images (0 = all)")
     parser.add_argument("--eval_subset", default=0, type=int,
                         help="evaluate on a class-balanced subset of this many images (0 = all)")
+    parser.add_argument("--skip_bad_images", type=str2bool, default=False,
+                        help="replace images that cannot be decoded (truncated, corrupt) by the "
+                             "next readable one, with a warning naming each file and a count "
+                             "per epoch (default: stop with an error naming the file)")
     parser.add_argument("--output_dir", default="", help="path where to save, empty for no saving")
     parser.add_argument("--log_dir", default=None, help="path where to tensorboard log")
     parser.add_argument("--device", default="cuda", help="device to use for training / testing")
@@ -160,6 +171,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--save_ckpt_num", default=3, type=int)
     parser.add_argument("--start_epoch", default=0, type=int, metavar="N", help="start epoch")
     parser.add_argument("--eval", type=str2bool, default=False, help="Perform evaluation only")
+    parser.add_argument("--eval_random_init", type=str2bool, default=False,
+                        help="allow --eval without weights to load (--resume, --finetune or a "
+                             "checkpoint in --output_dir): evaluates the random initialization")
     parser.add_argument("--dist_eval", type=str2bool, default=True,
                         help="Enabling distributed evaluation")
     parser.add_argument("--disable_eval", type=str2bool, default=False,
@@ -176,6 +190,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local_rank", "--local-rank", default=-1, type=int)
     parser.add_argument("--dist_on_itp", type=str2bool, default=False)
     parser.add_argument("--dist_url", default="env://", help="url used to set up distributed training")
+    parser.add_argument("--dist_timeout", default=30.0, type=float, metavar="MINUTES",
+                        help="how long a collective waits for the other processes before the "
+                             "job stops with an error, instead of hanging when one of them "
+                             "stopped or hangs (default: 30)")
 
     # Precision
     parser.add_argument("--use_amp", type=str2bool, default=False,
@@ -196,6 +214,9 @@ def validate_args(args: argparse.Namespace) -> None:
 
     for name in ("batch_size", "epochs", "update_freq", "input_size", "save_ckpt_freq"):
         positive(name)
+    if not 0 < args.dist_timeout < float("inf"):  # also refuses nan
+        raise UserError(f"--dist_timeout must be a positive number of minutes, "
+                        f"got {args.dist_timeout}")
     if not 0 < args.layer_decay <= 1:
         raise UserError(f"--layer_decay must be in (0, 1], got {args.layer_decay}")
     if not 0 <= args.drop_path < 1:
@@ -211,10 +232,90 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.with_small_kernel_merged and not args.eval:
         raise UserError("--with_small_kernel_merged re-parameterizes for evaluation; "
                         "use it with --eval true")
+    for name in ("lr", "min_lr", "weight_decay"):
+        value = getattr(args, name)
+        if not 0 <= value < float("inf"):  # also refuses nan
+            raise UserError(f"--{name} must be a finite number >= 0, got {value}")
+    if args.warmup_epochs < 0:
+        raise UserError(f"--warmup_epochs must be >= 0, got {args.warmup_epochs}")
+    if args.clip_grad is not None and not 0 < args.clip_grad < float("inf"):
+        raise UserError(f"--clip_grad must be a positive number, got {args.clip_grad}")
+    if args.eval and not (args.resume or args.finetune or args.eval_random_init or (
+            args.auto_resume and args.output_dir and utils.checkpoint_epochs(args.output_dir))):
+        raise UserError("--eval true but no weights to evaluate: pass --resume CHECKPOINT (or "
+                        "--finetune), or --eval_random_init true to evaluate random weights")
     try:
         models.get_family(args.model)
-    except ValueError as err:  # unknown --model: the message lists the registered names
+        models.family_kwargs(args.model, args)
+    except ValueError as err:  # unknown --model lists the registered names; bad family flags
         raise UserError(str(err)) from err
+    check_optimizer(args)
+    check_input_size(args)
+    for flag in ("output_dir", "log_dir"):
+        if getattr(args, flag):
+            check_writable_dir(getattr(args, flag), f"--{flag}")
+
+
+def check_optimizer(args: argparse.Namespace) -> None:
+    """An unknown --opt fails here, not after the data and the model are set up."""
+    try:
+        create_optimizer_v2([torch.nn.Parameter(torch.zeros(1))], opt=args.opt, lr=1.0)
+    except (ValueError, AssertionError, ImportError) as err:
+        raise UserError(f"--opt {args.opt} is not usable: {err}; timm's optimizers are: "
+                        f"{', '.join(list_optimizers())}") from err
+
+
+# Every family downsamples by at most 32, so inputs from this size on always fit; smaller ones
+# are tried through the model (on the meta device: no memory, no compute).
+_ALWAYS_FITS = 64
+
+
+def check_input_size(args: argparse.Namespace) -> None:
+    """--input_size / --test_size too small for the model's downsampling: say the minimum."""
+    sizes = sorted({s for s in (args.input_size, args.test_size) if 0 < s < _ALWAYS_FITS})
+    if not sizes:
+        return
+    try:
+        with torch.device("meta"):
+            model = build_model(args, args.nb_classes or 1000).eval()
+        fits = _forward_fits(model, "meta")
+        fits(_ALWAYS_FITS)
+    except NotImplementedError:  # a model whose forward reads tensor values: try it on the CPU
+        model = build_model(args, args.nb_classes or 1000).eval()
+        fits = _forward_fits(model, "cpu")
+    for size in sizes:
+        if not fits(size):
+            low, high = size, _ALWAYS_FITS  # fits(high); find the smallest size that fits
+            while high - low > 1:
+                mid = (low + high) // 2
+                low, high = (low, mid) if fits(mid) else (mid, high)
+            flag = "--input_size" if size == args.input_size else "--test_size"
+            raise UserError(f"{flag} {size} is too small for {args.model}, whose feature maps "
+                            f"shrink below one pixel; the smallest size it takes is {high}")
+
+
+def _forward_fits(model: torch.nn.Module, device: str) -> Callable[[int], bool]:
+    def fits(size: int) -> bool:
+        try:
+            with torch.no_grad():
+                model(torch.zeros(1, 3, size, size, device=device))
+        except NotImplementedError:  # the device cannot run this model: not a size problem
+            raise
+        except RuntimeError:
+            return False
+        return True
+    return fits
+
+
+def check_writable_dir(path: str, flag: str) -> None:
+    """Create ``path`` and write a probe file there, so a bad folder fails before training."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise UserError(f"{flag} {path} is not a writable folder: "
+                        f"{err.strerror or err}") from err
 
 
 def build_model(args: argparse.Namespace, nb_classes: int) -> torch.nn.Module:
@@ -229,12 +330,32 @@ def build_model(args: argparse.Namespace, nb_classes: int) -> torch.nn.Module:
         kwargs["use_checkpoint"] = True
     if args.deploy:
         kwargs["deploy"] = True
-    kwargs.update(models.family_kwargs(args.model, args))
     models.layers.set_lk_impl(args.lk_impl)
     try:
+        kwargs.update(models.family_kwargs(args.model, args))
         return models.create_model(args.model, **kwargs)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise UserError(str(err)) from err
+
+
+def other_form_hint(args: argparse.Namespace, nb_classes: int
+                    ) -> Callable[[Dict[str, torch.Tensor]], str]:
+    """Advice for weights that do not fit the model: they may be of its other form (deploy,
+    i.e. re-parameterized, vs training), which the --deploy flag chooses."""
+    def hint(state: Dict[str, torch.Tensor]) -> str:
+        other = argparse.Namespace(**{**vars(args), "deploy": not args.deploy})
+        try:
+            with torch.device("meta"):  # shapes only
+                model = build_model(other, nb_classes)
+        except UserError:  # the family has no deploy form
+            return ""
+        if any(utils.state_dict_mismatch(model, state)):
+            return ""
+        if other.deploy:
+            return "it holds the deploy (re-parameterized) form: add --deploy true"
+        return ("it holds the training form: drop --deploy true (or convert it with "
+                "tools/reparameterize.py)")
+    return hint
 
 
 def build_loaders(args: argparse.Namespace):
@@ -301,8 +422,9 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
     mixup_fn = build_mixup(args, nb_classes) if train_loader is not None else None
 
     model = build_model(args, nb_classes)
+    weights_hint = other_form_hint(args, nb_classes)
     if args.finetune:
-        utils.load_finetune(args, model)
+        utils.load_finetune(args, model, weights_hint)
     model.to(device)
     model_ema = None
     if args.model_ema:
@@ -326,7 +448,8 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
 
     optimizer = create_optimizer(args, model_without_ddp)
     loss_scaler = utils.LossScaler(enabled=amp_dtype == torch.float16, device_type=device.type)
-    checkpoint = utils.auto_load_model(args, model_without_ddp, optimizer, loss_scaler, model_ema)
+    checkpoint = utils.auto_load_model(args, model_without_ddp, optimizer, loss_scaler, model_ema,
+                                       weights_hint)
 
     if args.eval:
         return run_eval(args, model, model_without_ddp, model_ema, val_loader, device, amp_dtype)
@@ -363,12 +486,14 @@ def run_eval(args, model, model_without_ddp, model_ema, val_loader, device, amp_
         models.reparameterize_model(model_without_ddp)
         print(f"Re-parameterized {args.model} for evaluation")
     stats = evaluate(val_loader, model, device, amp_dtype)
+    report_skipped(val_loader, "evaluation", device)
     print(f"Accuracy of the network on the test images: {stats['acc1']:.5f}%")
     if model_ema is not None and args.model_ema_eval:
         if args.with_small_kernel_merged:
             models.reparameterize_model(model_ema.module)
         ema_stats = evaluate(val_loader, model_ema.module, ema_device(model_ema), amp_dtype,
                              header="Test (EMA):")
+        report_skipped(val_loader, "evaluation (EMA)", device)
         print(f"Accuracy of the model EMA on the test images: {ema_stats['acc1']:.5f}%")
         stats.update({f"{k}_ema": v for k, v in ema_stats.items()})
     return stats
@@ -401,9 +526,13 @@ def train(args, model, model_without_ddp, model_ema, optimizer, loss_scaler, tra
 
     log_writer = None
     if args.log_dir and utils.is_main_process():
-        log_writer = utils.TensorboardLogger(args.log_dir)
+        # A resumed run hides the scalars a killed run logged past the resumed epoch's start.
+        log_writer = utils.TensorboardLogger(
+            args.log_dir, purge_step=args.start_epoch * steps_per_epoch or None)
     if args.output_dir and utils.is_main_process():
         os.makedirs(args.output_dir, exist_ok=True)
+        for path in utils.remove_stale_temp_files(args.output_dir):
+            print(f"Removed {path}, left by a writer that was killed")
 
     max_accuracy = max_accuracy_ema = 0.0
     if args.output_dir and utils.is_main_process():
@@ -430,6 +559,7 @@ def train(args, model, model_without_ddp, model_ema, optimizer, loss_scaler, tra
             start_steps=epoch * steps_per_epoch, lr_schedule_values=lr_schedule,
             wd_schedule_values=wd_schedule, num_training_steps_per_epoch=steps_per_epoch,
             update_freq=args.update_freq, amp_dtype=amp_dtype, masking=masking)
+        report_skipped(train_loader, f"epoch {epoch} (train)", device)
         extra = {"masks": masking.state_dict()} if masking is not None else None
         stats = {**{f"train_{k}": v for k, v in train_stats.items()}}
         if masking is not None:
@@ -437,12 +567,13 @@ def train(args, model, model_without_ddp, model_ema, optimizer, loss_scaler, tra
             print(masking.density_report(per_layer=args.verbose))
         if val_loader is not None:
             test_stats = evaluate(val_loader, model, device, amp_dtype)
+            report_skipped(val_loader, f"epoch {epoch} (eval)", device)
             print(f"Accuracy of the model on the test images: {test_stats['acc1']:.1f}%")
             if test_stats["acc1"] > max_accuracy:
                 max_accuracy = test_stats["acc1"]
                 if args.output_dir and args.save_ckpt:
-                    utils.save_model(args, "best", model_without_ddp, optimizer, loss_scaler,
-                                     model_ema, extra)
+                    utils.save_model(args, epoch, model_without_ddp, optimizer, loss_scaler,
+                                     model_ema, extra, tag="best")
             print(f"Max accuracy: {max_accuracy:.2f}%")
             stats.update({f"test_{k}": v for k, v in test_stats.items()})
             if log_writer is not None:
@@ -451,11 +582,12 @@ def train(args, model, model_without_ddp, model_ema, optimizer, loss_scaler, tra
             if model_ema is not None and args.model_ema_eval:
                 ema_stats = evaluate(val_loader, model_ema.module, ema_device(model_ema), amp_dtype,
                                      header="Test (EMA):")
+                report_skipped(val_loader, f"epoch {epoch} (eval, EMA)", device)
                 if ema_stats["acc1"] > max_accuracy_ema:
                     max_accuracy_ema = ema_stats["acc1"]
                     if args.output_dir and args.save_ckpt:
-                        utils.save_model(args, "best-ema", model_without_ddp, optimizer,
-                                         loss_scaler, model_ema, extra)
+                        utils.save_model(args, epoch, model_without_ddp, optimizer,
+                                         loss_scaler, model_ema, extra, tag="best-ema")
                 print(f"Max EMA accuracy: {max_accuracy_ema:.2f}%")
                 stats.update({f"test_{k}_ema": v for k, v in ema_stats.items()})
                 if log_writer is not None:
@@ -482,9 +614,12 @@ def train(args, model, model_without_ddp, model_ema, optimizer, loss_scaler, tra
 def cli(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser("lknets", parents=[get_args_parser()])
     args = parser.parse_args(argv)
-    if args.output_dir:
-        os.makedirs(args.output_dir, exist_ok=True)
-    return exit_status(lambda: main(args))
+
+    def run() -> Dict[str, Any]:
+        with utils.peer_failures_reported(args):
+            return main(args)
+
+    return exit_status(run)
 
 
 if __name__ == "__main__":

@@ -35,5 +35,5 @@ setup(
     package_data={"kernels": ["csrc/*.cpp", "csrc/*.cu", "csrc/*.cuh", "csrc/*.h"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    python_requires=">=3.9",
+    python_requires=">=3.10",
 )

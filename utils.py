@@ -8,12 +8,14 @@ import datetime
 import glob
 import json
 import os
+import pickle
 import random
 import re
 import signal
 import sys
 import threading
 import time
+import urllib.parse
 from collections import OrderedDict, defaultdict, deque
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
@@ -32,7 +34,15 @@ def exit_status(command: Callable[[], Any]) -> int:
     try:
         command()
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        # Not print(): setup_for_distributed silences it on all ranks but the first, and the
+        # rank that reports a stopped peer may be any of them.
+        sys.stderr.write(f"error: {err}\n")
+        sys.stderr.flush()
+        # An error re-raised from a DataLoader worker (an undecodable image) sits in a reference
+        # cycle with its traceback, whose frames hold the loader's iterator: left to the garbage
+        # collector, its worker processes are shut down only after a 5 s join timeout each.
+        # Dropping the traceback frees the iterator, and its workers, now.
+        err.__traceback__ = None
         return 2
     return 0
 
@@ -129,10 +139,42 @@ def init_distributed_mode(args: argparse.Namespace) -> None:
     backend = "nccl" if use_cuda else "gloo"
     print(f"| distributed init (rank {args.rank} of {args.world_size}, {backend}): "
           f"{args.dist_url}", flush=True)
+    # Without a bound, a collective whose peer stopped or hangs waits forever (gloo) or for the
+    # backend's default; with one, it fails and peer_failures_reported names it.
     dist.init_process_group(backend=backend, init_method=args.dist_url,
-                            world_size=args.world_size, rank=args.rank)
+                            world_size=args.world_size, rank=args.rank,
+                            timeout=datetime.timedelta(minutes=args.dist_timeout))
     barrier()
     setup_for_distributed(args.rank == 0)
+
+
+# gloo fails a collective with a plain RuntimeError whose text starts with the source location,
+# e.g. "[.../gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 6000ms for recv ...".
+_GLOO_ERROR_RE = re.compile(r"^\[[^\]]*/gloo/[^\]]*\]\s*")
+
+
+@contextlib.contextmanager
+def peer_failures_reported(args: argparse.Namespace) -> Iterator[None]:
+    """Re-raise a collective that failed because another process stopped or hangs (after
+    --dist_timeout, or at once when the peer's connection closed) as a UserError naming this
+    rank; every other exception, programming errors included, passes through unchanged.
+
+    NCCL's watchdog aborts the process itself when a collective times out, so under NCCL the
+    watchdog's log is what reports it.
+    """
+    try:
+        yield
+    except RuntimeError as err:
+        lines = str(err).strip().splitlines()
+        reason = lines[0] if lines else type(err).__name__
+        gloo = _GLOO_ERROR_RE.match(reason)
+        if not is_dist_avail_and_initialized() or not (gloo or isinstance(err, dist.DistError)):
+            raise
+        if gloo:
+            reason = reason[gloo.end():]
+        raise UserError(f"rank {args.rank}: a collective did not complete within --dist_timeout "
+                        f"{args.dist_timeout:g} min (another process stopped or hangs): "
+                        f"{reason}") from err
 
 
 def seed_everything(seed: int) -> None:
@@ -206,8 +248,6 @@ class MetricLogger:
         for name, value in kwargs.items():
             if value is None:
                 continue
-            if isinstance(value, torch.Tensor):
-                value = value.item()
             self.meters[name].update(float(value))
 
     def add_meter(self, name: str, meter: SmoothedValue) -> None:
@@ -221,7 +261,10 @@ class MetricLogger:
         return self.delimiter.join(f"{name}: {meter}" for name, meter in self.meters.items())
 
     def log_every(self, iterable: Iterable, print_freq: int, header: str = "",
-                  total: Optional[int] = None) -> Iterator:
+                  total: Optional[int] = None,
+                  before_print: Optional[Callable[[], None]] = None) -> Iterator:
+        """Yield from ``iterable``, printing a progress line after every ``print_freq``-th item
+        and the last; ``before_print`` runs first (to bring meters held back up to date)."""
         total = len(iterable) if total is None else total
         width = len(str(total))
         start = end = time.time()
@@ -231,6 +274,8 @@ class MetricLogger:
             yield obj
             iter_time.update(time.time() - end)
             if i % print_freq == 0 or i == total - 1:
+                if before_print is not None:
+                    before_print()
                 eta = datetime.timedelta(seconds=int(iter_time.global_avg * (total - i - 1)))
                 parts = [header, f"[{i:>{width}}/{total}]", f"eta: {eta}", str(self),
                          f"time: {iter_time}", f"data: {data_time}"]
@@ -246,13 +291,15 @@ class MetricLogger:
 class TensorboardLogger:
     """Scalars for TensorBoard (tensorboardX, or torch's writer where tensorboardX is absent)."""
 
-    def __init__(self, log_dir: str) -> None:
+    def __init__(self, log_dir: str, purge_step: Optional[int] = None) -> None:
+        """``purge_step``: TensorBoard hides the events of earlier writers in ``log_dir`` from
+        this step on (those of a killed run past the point a resumed run restarts from)."""
         try:
             from tensorboardX import SummaryWriter
         except ImportError:
             from torch.utils.tensorboard import SummaryWriter
         os.makedirs(log_dir, exist_ok=True)
-        self.writer = SummaryWriter(log_dir)
+        self.writer = SummaryWriter(log_dir, purge_step=purge_step)
         self.step = 0
 
     def set_step(self, step: Optional[int] = None) -> None:
@@ -262,8 +309,6 @@ class TensorboardLogger:
         for name, value in kwargs.items():
             if value is None:
                 continue
-            if isinstance(value, torch.Tensor):
-                value = value.item()
             self.writer.add_scalar(f"{head}/{name}", value, self.step if step is None else step)
 
     def flush(self) -> None:
@@ -406,24 +451,118 @@ def atomic_save(obj: Any, path: str) -> None:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+        except OSError as err:  # disk full, quota, permissions: the old file was not touched
+            raise UserError(f"cannot write {path}: {err.strerror or err}; nothing was replaced "
+                            f"(the files already in {directory} are intact)") from err
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
 
 
-def load_checkpoint_file(path: str) -> Dict[str, Any]:
-    """Read a checkpoint (ours or an upstream release) or raise UserError naming the file."""
-    if path.startswith("https://") or path.startswith("http://"):
+_TMP_RE = re.compile(r"\.tmp\.(\d+)$")
+
+
+def remove_stale_temp_files(directory: str) -> List[str]:
+    """Delete the ``*.tmp.<pid>`` files that atomic writers killed mid-write left in directory
+    (those of processes still alive on this machine are kept); returns the removed paths."""
+    removed = []
+    for path in glob.glob(os.path.join(glob.escape(directory), "*.tmp.*")):
+        match = _TMP_RE.search(path)
+        if match is None or not os.path.isfile(path):
+            continue
+        pid = int(match.group(1))
+        if pid != os.getpid() and _process_alive(pid):
+            continue
+        os.remove(path)
+        removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _numpy_scalar_globals() -> List[Any]:
+    """What a pickled numpy scalar needs: the scalar constructor (under numpy 2's name and the
+    numpy 1 name older files carry), np.dtype and its per-type classes. They only rebuild a
+    number from its dtype and bytes."""
+    scalar = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
+    dtype_classes = [getattr(np.dtypes, n) for n in dir(getattr(np, "dtypes", None))
+                     if n.endswith("DType")]
+    return [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"),
+            np.dtype, *dtype_classes]
+
+
+# The non-tensor types our checkpoints and the upstream releases (ConvNeXt, RepLKNet,
+# UniRepLKNet, SLaK, Oriented1D) hold: the run's argparse Namespace under 'args', and numpy
+# float64 scalars in the optimizer's param groups (the per-iteration lr / weight decay come from
+# numpy schedules). Everything else in them is tensors and plain containers, which torch's
+# weights-only unpickler reads.
+CHECKPOINT_SAFE_GLOBALS = [argparse.Namespace, *_numpy_scalar_globals()]
+TRUST_HINT = "pass --trust_checkpoint true only if you trust where the file came from"
+
+
+def _download_checkpoint(url: str) -> str:
+    """The local copy of a checkpoint URL in torch's hub cache, downloaded once (a '-<hex>.'
+    in the file name is checked as a SHA-256 prefix, as torch.hub does)."""
+    name = os.path.basename(urllib.parse.urlparse(url).path)
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", name)
+    if not os.path.isfile(cached):
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        match = torch.hub.HASH_REGEX.search(name)
         try:
-            return torch.hub.load_state_dict_from_url(path, map_location="cpu", check_hash=True,
-                                                      weights_only=False)
+            torch.hub.download_url_to_file(url, cached, match.group(1) if match else None)
         except Exception as err:
-            raise UserError(f"cannot download checkpoint {path}: {err}") from err
-    if not os.path.isfile(path):
+            raise UserError(f"cannot download checkpoint {url}: {err}") from err
+    return cached
+
+
+def read_checkpoint(path: str, trust: bool = False, mmap: bool = False) -> Any:
+    """``torch.load`` of a local file on the CPU, weights-only unless ``trust``.
+
+    A weights-only load never runs code from the file: a pickle that names any function or
+    class outside tensors, plain containers and CHECKPOINT_SAFE_GLOBALS is refused with a
+    UserError naming what it asked for. ``mmap`` maps tensor data instead of reading it (for a
+    cheap look at a checkpoint's metadata). Other failures propagate.
+    """
+    if trust:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+    try:
+        with torch.serialization.safe_globals(CHECKPOINT_SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" not in str(err):
+            raise
+        allowed = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}"
+                   for g in CHECKPOINT_SAFE_GLOBALS}
+        try:
+            unsafe = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path)
+                      if g not in allowed]
+        except Exception:  # not a zip checkpoint: fall back to torch's own wording
+            unsafe = []
+        what = ", ".join(unsafe) if unsafe else str(err).splitlines()[-1].strip()
+        raise UserError(f"refusing to load checkpoint {path}: it holds {what}, which a "
+                        "weights-only load does not allow (unpickling it could run code); "
+                        f"{TRUST_HINT}") from None
+
+
+def load_checkpoint_file(path: str, trust: bool = False) -> Dict[str, Any]:
+    """Read a checkpoint (ours or an upstream release; a local path or an http(s) URL) or raise
+    UserError naming the file. Weights-only unless ``trust`` (see read_checkpoint)."""
+    if path.startswith("https://") or path.startswith("http://"):
+        path = _download_checkpoint(path)
+    elif not os.path.isfile(path):
         raise UserError(f"checkpoint file not found: {path}")
     try:
-        # Our checkpoints (and upstream's) pickle the argparse Namespace under 'args'.
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        ckpt = read_checkpoint(path, trust)
+    except UserError:
+        raise
     except Exception as err:
         raise UserError(f"cannot read checkpoint {path} (truncated or not a torch file): "
                         f"{type(err).__name__}: {err}") from err
@@ -448,8 +587,10 @@ def extract_state_dict(ckpt: Dict[str, Any], model_key: str = "model|module|stat
             break
     if state is None:
         if not _is_state_dict(ckpt):
+            holders = [key for key, value in ckpt.items() if _is_state_dict(value)]
+            tip = f"; weights are under {holders}: pass --model_key {holders[0]}" if holders else ""
             raise UserError(f"no model weights in checkpoint: looked for {model_key.split('|')}; "
-                            f"top-level keys are {sorted(ckpt)[:10]}")
+                            f"top-level keys are {sorted(ckpt)[:10]}{tip}")
         state = ckpt
     out: "OrderedDict[str, torch.Tensor]" = OrderedDict()
     for key, value in state.items():
@@ -484,32 +625,66 @@ def describe_mismatch(missing: List[str], unexpected: List[str], shapes: List[st
 
 
 def load_state_dict_strict(model: torch.nn.Module, state: Dict[str, torch.Tensor],
-                           source: str, model_name: str) -> None:
+                           source: str, model_name: str,
+                           mismatch_hint: Optional[Callable[[Dict[str, torch.Tensor]], str]] = None
+                           ) -> None:
+    """Load every weight of ``state`` into ``model`` or raise a UserError listing the differences
+    (plus ``mismatch_hint(state)`` when it has advice)."""
     missing, unexpected, shapes = state_dict_mismatch(model, state)
     if missing or unexpected or shapes:
+        hint = mismatch_hint(state) if mismatch_hint is not None else ""
         raise UserError(f"{source} does not fit model {model_name}: "
-                        f"{describe_mismatch(missing, unexpected, shapes)}")
+                        f"{describe_mismatch(missing, unexpected, shapes)}"
+                        + (f". {hint}" if hint else ""))
     model.load_state_dict(state)
 
 
 def checkpoint_epochs(output_dir: str) -> List[int]:
-    """Epoch numbers of the periodic checkpoints in output_dir, newest first."""
+    """Epoch numbers in the names of the periodic checkpoints in output_dir, newest first
+    (whatever the files hold: see is_run_checkpoint)."""
     epochs = []
-    for path in glob.glob(os.path.join(output_dir, "checkpoint-*.pth")):
+    for path in glob.glob(os.path.join(glob.escape(output_dir), "checkpoint-*.pth")):
         match = _CKPT_RE.search(os.path.basename(path))
         if match:
             epochs.append(int(match.group(1)))
     return sorted(epochs, reverse=True)
 
 
-def save_model(args: argparse.Namespace, epoch: Any, model_without_ddp: torch.nn.Module,
+def checkpoint_path(output_dir: str, epoch: int, tag: Optional[str] = None) -> str:
+    return os.path.join(output_dir, f"checkpoint-{tag if tag else epoch}.pth")
+
+
+def is_run_checkpoint(path: str, epoch: int, model_name: str) -> bool:
+    """Whether ``path`` is a readable training checkpoint of ``model_name`` at ``epoch``.
+
+    Only such files count towards --save_ckpt_num and are ever deleted: a foreign, corrupt or
+    unsafe file that happens to be named checkpoint-N.pth is left alone. Tensor data is mapped,
+    not read, so the check costs about the size of the pickled metadata.
+    """
+    try:
+        ckpt = read_checkpoint(path, mmap=True)
+    except Exception:
+        return False
+    if not isinstance(ckpt, dict) or ckpt.get("epoch") != epoch or "model" not in ckpt:
+        return False
+    run_args = ckpt.get("args")
+    return getattr(run_args, "model", model_name) == model_name
+
+
+def save_model(args: argparse.Namespace, epoch: int, model_without_ddp: torch.nn.Module,
                optimizer: torch.optim.Optimizer, loss_scaler: LossScaler,
-               model_ema: Any = None, extra: Optional[Dict[str, Any]] = None) -> Optional[str]:
-    """Write ``checkpoint-{epoch}.pth`` (epoch may be 'best'/'best-ema') on the main process and
-    keep only the newest ``--save_ckpt_num`` periodic checkpoints."""
+               model_ema: Any = None, extra: Optional[Dict[str, Any]] = None,
+               tag: Optional[str] = None) -> Optional[str]:
+    """Write ``checkpoint-{epoch}.pth`` (or ``checkpoint-{tag}.pth``, e.g. 'best') on the main
+    process. Every checkpoint records its epoch, so a run resumes from any of them.
+
+    After a periodic save, older periodic checkpoints of this run beyond the newest
+    ``--save_ckpt_num`` are deleted; files of later epochs (a run resumed from an earlier one)
+    are kept until this run overwrites them.
+    """
     if not is_main_process():
         return None
-    path = os.path.join(args.output_dir, f"checkpoint-{epoch}.pth")
+    path = checkpoint_path(args.output_dir, epoch, tag)
     state = {"model": model_without_ddp.state_dict(), "optimizer": optimizer.state_dict(),
              "epoch": epoch, "scaler": loss_scaler.state_dict(), "args": args}
     if model_ema is not None:
@@ -517,63 +692,124 @@ def save_model(args: argparse.Namespace, epoch: Any, model_without_ddp: torch.nn
     if extra:
         state.update(extra)
     atomic_save(state, path)
-    if isinstance(epoch, int) and args.save_ckpt_num > 0:
-        for old in checkpoint_epochs(args.output_dir)[args.save_ckpt_num:]:
-            os.remove(os.path.join(args.output_dir, f"checkpoint-{old}.pth"))
+    if tag is None and args.save_ckpt_num > 0:
+        older = [e for e in checkpoint_epochs(args.output_dir) if e < epoch and
+                 is_run_checkpoint(checkpoint_path(args.output_dir, e), e, args.model)]
+        for old in older[args.save_ckpt_num - 1:]:
+            os.remove(checkpoint_path(args.output_dir, old))
     return path
 
 
-def _auto_resume_candidates(args: argparse.Namespace) -> List[str]:
-    if args.resume or not args.auto_resume or not args.output_dir:
-        return [args.resume] if args.resume else []
-    return [os.path.join(args.output_dir, f"checkpoint-{e}.pth")
-            for e in checkpoint_epochs(args.output_dir)]
+def _resume_from_output_dir(args: argparse.Namespace) -> Tuple[Optional[Dict[str, Any]], str]:
+    """The newest readable periodic checkpoint in --output_dir and its path ((None, '') when
+    there is none); unreadable ones are skipped with a warning, and a folder holding only
+    unreadable ones is an error that says what to do (never a silent restart from scratch)."""
+    failures = []
+    for epoch in checkpoint_epochs(args.output_dir):
+        path = checkpoint_path(args.output_dir, epoch)
+        try:
+            ckpt = load_checkpoint_file(path, args.trust_checkpoint)
+        except UserError as err:
+            print(f"WARNING: skipping {path} for auto-resume: {err}")
+            failures.append(os.path.basename(path))
+            continue
+        if failures:
+            print(f"Resuming from {path}, the newest readable checkpoint")
+        return ckpt, path
+    if failures:
+        raise UserError(
+            f"{args.output_dir} holds checkpoints but none is readable ({', '.join(failures)}); "
+            "resume from a good file with --resume FILE, or start over in another "
+            "--output_dir (or move those files away, or pass --auto_resume false)")
+    return None, ""
 
 
 def auto_load_model(args: argparse.Namespace, model_without_ddp: torch.nn.Module,
                     optimizer: Optional[torch.optim.Optimizer], loss_scaler: Optional[LossScaler],
-                    model_ema: Any = None) -> Optional[Dict[str, Any]]:
+                    model_ema: Any = None,
+                    mismatch_hint: Optional[Callable[[Dict[str, torch.Tensor]], str]] = None
+                    ) -> Optional[Dict[str, Any]]:
     """Resume from --resume, or (only when --resume is empty and --auto_resume is on) from the
-    newest readable checkpoint in --output_dir, falling back past unreadable ones.
+    newest readable checkpoint in --output_dir.
 
-    Restores model (strict), optimizer, scaler, epoch (args.start_epoch) and EMA. Returns the
-    loaded checkpoint dict (callers restore their own extra entries from it) or None.
+    Restores model (strict), optimizer, scaler, epoch (args.start_epoch) and EMA. A checkpoint
+    without an epoch (a released file) loads its weights only, with a warning; one whose epoch
+    is not a number (upstream's 'best') is refused for training. ``mismatch_hint(state)`` may
+    add advice to the error when the weights do not fit. Returns the loaded checkpoint dict
+    (callers restore their own extra entries from it) or None.
     """
     barrier()  # another rank may still be writing the checkpoint we are about to read
-    candidates = _auto_resume_candidates(args)
-    ckpt, path = None, None
-    for i, candidate in enumerate(candidates):
-        try:
-            ckpt, path = load_checkpoint_file(candidate), candidate
-            break
-        except UserError as err:
-            if args.resume or i == len(candidates) - 1:
-                raise
-            print(f"WARNING: {err}; falling back to {candidates[i + 1]}")
+    if args.resume:
+        ckpt, path = load_checkpoint_file(args.resume, args.trust_checkpoint), args.resume
+    elif args.auto_resume and args.output_dir:
+        ckpt, path = _resume_from_output_dir(args)
+    else:
+        ckpt, path = None, ""
     if ckpt is None:
         return None
+    epoch = ckpt.get("epoch")
+    if epoch is not None and not isinstance(epoch, int) and not args.eval:
+        raise UserError(
+            f"{path} records its epoch as {epoch!r}, not a number, so training cannot resume "
+            "from it; resume from a checkpoint-N.pth, or start a new run from its weights "
+            f"with --finetune {path}")
     print(f"Resume checkpoint {path}")
-    load_state_dict_strict(model_without_ddp, extract_state_dict(ckpt), f"checkpoint {path}",
-                           args.model)
+    state = extract_state_dict(ckpt)
+    load_state_dict_strict(model_without_ddp, state, f"checkpoint {path}", args.model,
+                           mismatch_hint)
     if model_ema is not None:
         ema_state = ckpt.get("model_ema")
         if ema_state is None:
             print(f"WARNING: {path} has no 'model_ema'; the EMA starts from the model weights")
-            ema_state = extract_state_dict(ckpt)
+            ema_state = state
         load_state_dict_strict(model_ema.module, ema_state, f"EMA in {path}", args.model)
-    if "epoch" in ckpt and isinstance(ckpt["epoch"], int):
-        args.start_epoch = ckpt["epoch"] + 1
+    if isinstance(epoch, int):
+        args.start_epoch = epoch + 1
         if optimizer is not None and "optimizer" in ckpt:
             optimizer.load_state_dict(ckpt["optimizer"])
         if loss_scaler is not None and ckpt.get("scaler"):
             loss_scaler.load_state_dict(ckpt["scaler"])
+    elif not args.eval:
+        print(f"WARNING: {path} records no epoch: its weights are loaded, training starts at "
+              f"epoch {args.start_epoch} with a fresh optimizer (--finetune does the same "
+              "without this warning)")
     ckpt["_path"] = path
     return ckpt
 
 
-def load_finetune(args: argparse.Namespace, model: torch.nn.Module) -> None:
-    """--finetune: non-strict load of pre-trained weights; a head whose shape differs is dropped."""
-    ckpt = load_checkpoint_file(args.finetune)
+def _prefix_suggestions(state: Dict[str, torch.Tensor], own: Dict[str, torch.Tensor]) -> List[str]:
+    """Prefixes that, stripped from the checkpoint's keys, would make them the model's keys
+    (e.g. 'backbone.' of a detection checkpoint)."""
+    found = []
+    for key in state:
+        for own_key in own:
+            if key.endswith("." + own_key) and state[key].shape == own[own_key].shape:
+                prefix = key[: -len(own_key)]
+                if prefix not in found:
+                    found.append(prefix)
+                break
+        if len(found) == 3:
+            break
+    return found
+
+
+def _finetune_advice(ckpt: Dict[str, Any], state: Dict[str, torch.Tensor],
+                     own: Dict[str, torch.Tensor], args: argparse.Namespace) -> str:
+    tips = [f"--model_prefix {p}" for p in _prefix_suggestions(state, own)]
+    tips += [f"--model_key {key}" for key, value in ckpt.items()
+             if _is_state_dict(value) and key not in args.model_key.split("|")]
+    return f"try {' or '.join(tips)}" if tips else (
+        "is it a checkpoint of another model? Check --model, --model_key and --model_prefix")
+
+
+def load_finetune(args: argparse.Namespace, model: torch.nn.Module,
+                  mismatch_hint: Optional[Callable[[Dict[str, torch.Tensor]], str]] = None) -> None:
+    """--finetune: non-strict load of pre-trained weights; a head whose shape differs is dropped.
+
+    A checkpoint that initializes fewer than half of the model's weights is refused: loading
+    it would train from (nearly) random weights while the user believes otherwise.
+    """
+    ckpt = load_checkpoint_file(args.finetune, args.trust_checkpoint)
     state = extract_state_dict(ckpt, args.model_key, args.model_prefix)
     own = model.state_dict()
     for key in [k for k in state if k.startswith("head.")]:
@@ -583,8 +819,16 @@ def load_finetune(args: argparse.Namespace, model: torch.nn.Module) -> None:
             del state[key]
     missing, unexpected, shapes = state_dict_mismatch(model, state)
     if shapes:
+        hint = mismatch_hint(state) if mismatch_hint is not None else ""
         raise UserError(f"--finetune {args.finetune} does not fit model {args.model}: "
-                        f"{describe_mismatch([], [], shapes)}")
+                        f"{describe_mismatch([], [], shapes)}" + (f". {hint}" if hint else ""))
+    if len(own) - len(missing) < len(own) / 2:
+        hint = (mismatch_hint(state) if mismatch_hint is not None else "") or \
+            _finetune_advice(ckpt, state, own, args)
+        raise UserError(
+            f"--finetune {args.finetune} fits only {len(own) - len(missing)} of the "
+            f"{len(own)} weights of {args.model} (model keys: {', '.join(list(own)[:3])}, ...; "
+            f"checkpoint keys: {', '.join(list(state)[:3])}, ...); {hint}")
     model.load_state_dict(state, strict=False)
     print(f"Loaded --finetune {args.finetune}")
     if missing:

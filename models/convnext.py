@@ -138,12 +138,12 @@ ORIENTED_VARIANTS = ("2d", "1d", "1dpp", "2dpp")
 def add_convnext_args(parser) -> None:
     """Oriented1D's ``--variant``: ``convnext_tiny``/``convnext_base`` with oriented 1D kernels."""
     parser.add_argument_group("ConvNeXt").add_argument(
-        "--variant", type=str, default="2d", choices=ORIENTED_VARIANTS,
-        help="ConvNeXt variant (Oriented1D): 2d (ConvNeXt), 1d, 1dpp, 2dpp")
+        "--variant", type=str, default=None, choices=ORIENTED_VARIANTS,
+        help="ConvNeXt variant (Oriented1D): 2d (ConvNeXt, the default), 1d, 1dpp, 2dpp")
 
 
 def convnext_kwargs(args) -> dict:
-    if args.variant == "2d":
+    if args.variant in (None, "2d"):
         return {}
     if args.model not in ("convnext_tiny", "convnext_base"):
         raise ValueError(f"--variant {args.variant} exists for convnext_tiny and convnext_base "

@@ -143,9 +143,33 @@ def add_family_args(parser: argparse.ArgumentParser) -> None:
             family.add_args(parser)
 
 
+def family_flags() -> Dict[str, List[str]]:
+    """Each family's own flag (by its dest) -> the families that take it."""
+    owners: Dict[str, List[str]] = {}
+    for name in list_families():
+        family = _FAMILIES[name]
+        if family.add_args is not None:
+            probe = argparse.ArgumentParser(add_help=False)
+            family.add_args(probe)
+            for dest in vars(probe.parse_args([])):
+                owners.setdefault(dest, []).append(name)
+    return owners
+
+
 def family_kwargs(model_name: str, args: argparse.Namespace) -> Dict[str, Any]:
-    """Constructor kwargs the model's family reads from the parsed command line."""
+    """Constructor kwargs the model's family reads from the parsed command line.
+
+    Family flags default to None; one that is set for a model of a family that does not take
+    it is a ValueError (silently ignoring ``--kernel_size`` on a ConvNeXt would train another
+    model than the one asked for).
+    """
     family = get_family(model_name)
+    for dest, owners in family_flags().items():
+        if family.name not in owners and getattr(args, dest, None) is not None:
+            takers = ", ".join(f"{o} ({', '.join(_FAMILIES[o].models[:3])}, ...)"
+                               for o in owners)
+            raise ValueError(f"--{dest} is a flag of the {takers} models; {model_name} "
+                             f"(family {family.name}) does not take it")
     return family.kwargs_from_args(args) if family.kwargs_from_args is not None else {}
 
 

@@ -36,14 +36,22 @@ class LargeKernelConv(nn.Module):
         Decom: two k x N / N x k strips instead of one k x k kernel.
         bn: a BatchNorm after every branch.
         sync_bn: use nn.SyncBatchNorm (upstream always does; here only on request).
+        deploy: build the re-parameterized form directly (``lkb_reparam`` alone, k x k with a
+            bias), to load the output of :meth:`reparameterize`.
     """
 
     def __init__(self, channels: int, kernel_size: int, small_kernel: int, Decom: bool = False,
-                 bn: bool = True, sync_bn: bool = False) -> None:
+                 bn: bool = True, sync_bn: bool = False, deploy: bool = False) -> None:
         super().__init__()
         self.kernel_size = kernel_size
         self.small_kernel = small_kernel
         self.Decom = Decom
+        if deploy:
+            # What reparameterize() leaves: one centred kernel as large as the largest branch
+            # (the LoRA strips reach N on their short side; small_conv exists only when N < k).
+            size = max(kernel_size, small_kernel) if Decom else kernel_size
+            self.lkb_reparam = DepthwiseConv2d(channels, size, bias=True)
+            return
         norm = nn.SyncBatchNorm if sync_bn else nn.BatchNorm2d
 
         def branch(kernel) -> ConvBN:
@@ -102,10 +110,10 @@ class SLaKBlock(ConvNeXtBlock):
 
     def __init__(self, dim: int, drop_path: float = 0.0, layer_scale_init_value: float = 1e-6,
                  kernel_size: Sequence[int] = (7, 7), Decom: bool = False, bn: bool = True,
-                 sync_bn: bool = False) -> None:
+                 sync_bn: bool = False, deploy: bool = False) -> None:
         super().__init__(dim, drop_path, layer_scale_init_value,
                          mixer=LargeKernelConv(dim, kernel_size[0], kernel_size[1], Decom, bn,
-                                               sync_bn))
+                                               sync_bn, deploy))
 
 
 def _check_kernel_size(kernel_size: Sequence[int], Decom: bool) -> list:
@@ -130,12 +138,13 @@ class SLaK(ConvNeXt):
                  drop_path_rate: float = 0.0, layer_scale_init_value: float = 1e-6,
                  head_init_scale: float = 1.0, kernel_size: Sequence[int] = DEFAULT_KERNEL_SIZE,
                  width_factor: float = 1.0, Decom: Optional[bool] = False, bn: bool = True,
-                 sync_bn: bool = False, use_checkpoint: bool = False) -> None:
+                 sync_bn: bool = False, use_checkpoint: bool = False,
+                 deploy: bool = False) -> None:
         sizes = _check_kernel_size(kernel_size, bool(Decom))
 
         def block(stage: int, index: int, dim: int, drop_path: float) -> SLaKBlock:
             return SLaKBlock(dim, drop_path, layer_scale_init_value, (sizes[stage], sizes[-1]),
-                             bool(Decom), bn, sync_bn)
+                             bool(Decom), bn, sync_bn, deploy)
 
         super().__init__(in_chans, num_classes, depths, [int(d * width_factor) for d in dims],
                          drop_path_rate, layer_scale_init_value, head_init_scale, use_checkpoint,
@@ -147,21 +156,28 @@ def add_slak_args(parser: argparse.ArgumentParser) -> None:
     """SLaK's model flags, spelled as upstream main.py (its sparse flags live in sparse.py)."""
     from utils import str2bool
 
+    # Defaults are None so that a flag given to a model of another family is caught (see
+    # registry.family_kwargs); the model's own defaults apply when a flag is left out.
     group = parser.add_argument_group("SLaK")
-    group.add_argument("--kernel_size", type=int, nargs="*", default=list(DEFAULT_KERNEL_SIZE),
+    group.add_argument("--kernel_size", type=int, nargs="*", default=None,
                        help="kernel size of conv [stage1, stage2, stage3, stage4, N]; "
-                            "7 7 7 7 100 gives ConvNeXt")
-    group.add_argument("--width_factor", type=float, default=1.0,
-                       help="set the width factor of the model")
-    group.add_argument("--Decom", type=str2bool, default=False,
-                       help="Enabling kernel decomposition")
-    group.add_argument("--bn", type=str2bool, default=True,
-                       help="add batch norm layer after each path")
+                            "7 7 7 7 100 gives ConvNeXt (default: "
+                            f"{' '.join(map(str, DEFAULT_KERNEL_SIZE))})")
+    group.add_argument("--width_factor", type=float, default=None,
+                       help="set the width factor of the model (default: 1.0)")
+    group.add_argument("--Decom", type=str2bool, default=None,
+                       help="Enabling kernel decomposition (default: false)")
+    group.add_argument("--bn", type=str2bool, default=None,
+                       help="add batch norm layer after each path (default: true)")
 
 
 def slak_kwargs(args: argparse.Namespace) -> Dict[str, Any]:
-    return dict(kernel_size=args.kernel_size, width_factor=args.width_factor, Decom=args.Decom,
-                bn=args.bn)
+    """The SLaK flags given on the command line, as constructor keyword arguments."""
+    flags = ("kernel_size", "width_factor", "Decom", "bn")
+    kwargs = {name: getattr(args, name) for name in flags if getattr(args, name) is not None}
+    if "kernel_size" in kwargs:  # checked here too, so a bad value fails before any work
+        _check_kernel_size(kwargs["kernel_size"], bool(kwargs.get("Decom", False)))
+    return kwargs
 
 
 register_family(Family(name="slak", layer_id_for=convnext_layer_id, add_args=add_slak_args,

@@ -58,9 +58,53 @@ def test_class_count_mismatch(capsys):
     (["--drop_path", "1.0"], "--drop_path must be in [0, 1)"),
     (["--with_small_kernel_merged", "true"], "use it with --eval true"),
     (["--deploy", "true"], "cannot be built with"),
+    (["--lr", "nan"], "--lr must be a finite number >= 0, got nan"),
+    (["--lr", "-0.001"], "--lr must be a finite number >= 0, got -0.001"),
+    (["--min_lr", "inf"], "--min_lr must be a finite number >= 0, got inf"),
+    (["--warmup_epochs", "-1"], "--warmup_epochs must be >= 0, got -1"),
+    (["--clip_grad", "0"], "--clip_grad must be a positive number"),
+    (["--input_size", "16"], "--input_size 16 is too small for convnext_atto, whose feature "
+                             "maps shrink below one pixel; the smallest size it takes is 32"),
+    (["--input_size", "40", "--test_size", "24"], "--test_size 24 is too small"),
+    (["--model", "SLaK_tiny", "--input_size", "8"], "the smallest size it takes is 32"),
+    (["--opt", "adamx"], "--opt adamx is not usable"),
+    (["--model", "SLaK_tiny", "--kernel_size", "51", "49", "47"], "kernel_size must be 5 ints"),
+    (["--kernel_size", "51", "49", "47", "13", "5"],
+     "--kernel_size is a flag of the slak (SLaK_tiny, SLaK_small, SLaK_base, ...) models; "
+     "convnext_atto (family convnext) does not take it"),
+    (["--model", "RepLKNet-31B", "--variant", "1d"],
+     "--variant is a flag of the convnext (convnext_atto, convnext_tiny, convnext_small, ...) "
+     "models; RepLKNet-31B (family replknet) does not take it"),
+    (["--model", "unireplknet_a", "--Decom", "false"], "--Decom is a flag of the slak"),
+    (["--variant", "1d"], "--variant 1d exists for convnext_tiny and convnext_base only"),
 ])
 def test_invalid_flag_values(capsys, flags, expected):
     assert expected in cli_error(BASE + flags, capsys)
+
+
+def test_opt_error_lists_timms_optimizers(capsys):
+    msg = cli_error(BASE + ["--opt", "adamx"], capsys)
+    assert "timm's optimizers are: " in msg and "adamw" in msg and "lamb" in msg and "sgd" in msg
+
+
+def test_input_size_check_covers_models_that_need_the_cpu(capsys):
+    # Oriented-1D convs read their angles, so these models are tried on the CPU, not on meta.
+    msg = cli_error(BASE + ["--model", "convnext_tiny", "--variant", "1d", "--input_size", "16"],
+                    capsys)
+    assert "--input_size 16 is too small for convnext_tiny" in msg and "takes is 29" in msg
+    model = lk_main.models.create_model("convnext_tiny", variant="1d").eval()
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, 29, 29)).shape == (1, 1000)
+        with pytest.raises(RuntimeError):
+            model(torch.zeros(1, 3, 28, 28))
+
+
+@pytest.mark.parametrize("flag", ["--output_dir", "--log_dir"])
+def test_an_impossible_output_folder_fails_before_training(flag, tmp_path, capsys):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    msg = cli_error(BASE + [flag, str(blocker / "out")], capsys)
+    assert msg == f"error: {flag} {blocker / 'out'} is not a writable folder: Not a directory"
 
 
 def test_invalid_boolean_is_rejected_by_the_parser(capsys):
@@ -106,7 +150,7 @@ def test_auto_resume_falls_back_past_a_truncated_checkpoint(capsys, two_checkpoi
     newest.write_bytes(newest.read_bytes()[:1000])
     assert lk_main.cli(BASE + ["--epochs", "2", "--output_dir", str(out)]) == 0
     text = capsys.readouterr().out
-    assert f"{newest}" in text and f"falling back to {out / 'checkpoint-0.pth'}" in text
+    assert f"WARNING: skipping {newest} for auto-resume: cannot read checkpoint" in text
     assert "Resume checkpoint " + str(out / "checkpoint-0.pth") in text
     # Epoch 1 was trained again and its checkpoint rewritten whole.
     ckpt = torch.load(newest, map_location="cpu", weights_only=False)
@@ -137,7 +181,8 @@ def test_atomic_save_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError):
+    with pytest.raises(utils.UserError, match=f"cannot write {path}: disk full; nothing was "
+                                              "replaced"):
         utils.atomic_save({"model": {"w": torch.zeros(2)}}, str(path))
     monkeypatch.undo()
     assert torch.equal(torch.load(path)["model"]["w"], torch.ones(2))

@@ -108,12 +108,16 @@ def test_cli_flags_as_upstream():
     parser = argparse.ArgumentParser()
     add_slak_args(parser)
     args = parser.parse_args([])
-    assert slak_kwargs(args) == dict(kernel_size=[51, 49, 47, 13, 5], width_factor=1.0,
-                                     Decom=False, bn=True)
-    args = parser.parse_args("--kernel_size 7 7 7 7 100 --width_factor 1.3 --Decom True "
+    assert slak_kwargs(args) == {}  # the model's defaults: kernel_size 51 49 47 13 5, ...
+    assert models.create_model("SLaK_tiny", **slak_kwargs(args)).kernel_size == [51, 49, 47, 13, 5]
+    args = parser.parse_args("--kernel_size 31 29 27 13 5 --width_factor 1.3 --Decom True "
                              "--bn false".split())
-    assert slak_kwargs(args) == dict(kernel_size=[7, 7, 7, 7, 100], width_factor=1.3,
+    assert slak_kwargs(args) == dict(kernel_size=[31, 29, 27, 13, 5], width_factor=1.3,
                                      Decom=True, bn=False)
+    # Bad values fail here, before any work: the strips need an odd short side N.
+    args = parser.parse_args("--kernel_size 7 7 7 7 100 --Decom True".split())
+    with pytest.raises(ValueError, match="Decom needs an odd N"):
+        slak_kwargs(args)
     assert models.get_family("SLaK_tiny").kwargs_from_args is slak_kwargs
     assert models.get_family("SLaK_base").layer_id_for("stages.2.7.large_kernel.LoRA1.conv.weight") == 5
 
@@ -150,6 +154,11 @@ def test_reparameterize_is_exact_in_float64(Decom, bn, kernel_size):
     size = max(kernel_size[0], kernel_size[-1])
     assert model.stages[0][0].large_kernel.lkb_reparam.weight.shape == (8, 1, size, size)
     assert before.abs().max() > 1e-3  # the comparison is not trivially between zeros
+    # The deploy form built directly (--deploy true) loads the merged weights strictly.
+    deployed = SLaK(num_classes=5, depths=(1, 1, 2, 1), dims=(8, 8, 16, 16),
+                    kernel_size=kernel_size, Decom=Decom, bn=bn, deploy=True).double().eval()
+    deployed.load_state_dict(model.state_dict())
+    assert torch.equal(deployed(x), after)
 
 
 def test_train_step_runs_and_grads_reach_every_branch():
@@ -160,3 +169,32 @@ def test_train_step_runs_and_grads_reach_every_branch():
     lk = model.stages[0][0].large_kernel
     for branch in (lk.LoRA1, lk.LoRA2, lk.small_conv):
         assert branch.conv.weight.grad is not None and branch.conv.weight.grad.abs().sum() > 0
+
+
+def test_reparameterize_tool_and_deploy_flag_take_the_slak_flags(tmp_path):
+    """A checkpoint trained with --Decom true --kernel_size 31 29 27 13 5 converts with the same
+    flags, and main.py --deploy true evaluates the result as the training form scores."""
+    import main as lk_main
+    from tools.reparameterize import main as reparameterize_main
+
+    flags = ["--Decom", "true", "--kernel_size", "31", "29", "27", "13", "5",
+             "--width_factor", "0.25"]
+    torch.manual_seed(0)
+    model = models.create_model("SLaK_tiny", num_classes=10, Decom=True,
+                                kernel_size=[31, 29, 27, 13, 5], width_factor=0.25)
+    _randomize_bn(model)
+    src, dst = tmp_path / "checkpoint-9.pth", tmp_path / "deploy.pth"
+    torch.save({"model": model.state_dict(), "epoch": 9}, src)
+    assert reparameterize_main(["--model", "SLaK_tiny", "--src", str(src), "--dst", str(dst)]
+                               + flags) == 0
+    assert "stages.3.2.large_kernel.lkb_reparam.weight" in torch.load(dst)["model"]
+    common = ["--model", "SLaK_tiny", "--device", "cpu", "--input_size", "32", "--num_workers",
+              "0", "--eval_subset", "40", "--eval", "true"] + flags
+
+    def evaluate(extra):
+        return lk_main.main(lk_main.get_args_parser().parse_args(common + extra))
+
+    trained = evaluate(["--resume", str(src)])
+    deployed = evaluate(["--resume", str(dst), "--deploy", "true"])
+    assert deployed["loss"] == pytest.approx(trained["loss"], rel=1e-4)
+    assert deployed["acc1"] == trained["acc1"]

@@ -86,6 +86,7 @@ def test_local_job_runs_to_completion(finished_job):
     assert "distributed init (rank 0 of 1, gloo): env://" in job.stdout()
 
 
+@pytest.mark.slow
 def test_time_limit_requeues_and_resumes_where_it_stopped(tmp_path, finished_job):
     # --timeout 1: the signal below comes later than submitit's "guaranteed" run time, so the job
     # counts as timed out (not pre-empted), as when SLURM warns of the time limit.
@@ -111,6 +112,7 @@ def test_time_limit_requeues_and_resumes_where_it_stopped(tmp_path, finished_job
         assert torch.equal(final[key], expected[key]), key
 
 
+@pytest.mark.slow
 def test_two_process_job_requeues_every_rank(tmp_path):
     job = rws.submit(parse("--cluster", "local", "--ngpus", "2", "--epochs", "2",
                            "--train_subset", "320", "--job_dir", str(tmp_path)))

@@ -102,6 +102,7 @@ def test_eval_with_resume_reproduces_logged_accuracy(trained):
     assert stats["acc1_ema"] == pytest.approx(logged["test_acc1_ema"], abs=1e-9)
 
 
+@pytest.mark.slow
 def test_auto_resume_after_a_crash_matches_uninterrupted_run(trained, tmp_path, monkeypatch):
     out, argv, _ = trained
     resumed = tmp_path / "resumed"
@@ -122,6 +123,7 @@ def test_auto_resume_after_a_crash_matches_uninterrupted_run(trained, tmp_path, 
     assert [r["epoch"] for r in read_log(resumed)] == [0, 1, 2]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("amp_dtype", ["bfloat16", "float16"])
 def test_amp_trains_on_cpu(tmp_path, amp_dtype):
     out = tmp_path / amp_dtype
@@ -195,6 +197,7 @@ def test_ema_forced_to_cpu_trains_and_evaluates(tmp_path):
     assert ckpt["model_ema"].keys() == ckpt["model"].keys()
 
 
+@pytest.mark.slow
 def test_compiled_training_matches_eager_and_saves_plain_keys(tmp_path):
     # One epoch through torch.compile (inductor on the CPU here) against the same seeded run
     # eagerly: same losses up to kernel-fusion rounding, and checkpoints keyed as the plain model.
@@ -206,3 +209,53 @@ def test_compiled_training_matches_eager_and_saves_plain_keys(tmp_path):
     keys = [torch.load(tmp_path / d / "checkpoint-0.pth", map_location="cpu",
                        weights_only=False)["model"].keys() for d in ("eager", "compiled")]
     assert list(keys[0]) == list(keys[1])
+
+
+# The flags that switch off parts of the default recipe (RandAugment, random erasing, mixup,
+# cutmix, label smoothing): the runs below must not use them.
+RECIPE_OFF = {"--aa", "--reprob", "--mixup", "--cutmix", "--smoothing"}
+
+
+def test_the_default_recipe_trains(tmp_path, capsys):
+    """Upstream's training line as users type it: RandAugment, random erasing, mixup, cutmix,
+    label smoothing at their defaults, plus EMA and layer decay, on the embedded data."""
+    argv = ["--model", "convnext_atto", "--device", "cpu", "--input_size", "32",
+            "--batch_size", "32", "--num_workers", "2", "--epochs", "1", "--warmup_epochs", "0",
+            "--train_subset", "640", "--eval_subset", "200", "--model_ema", "true",
+            "--model_ema_eval", "true", "--layer_decay", "0.8", "--drop_path", "0.1",
+            "--output_dir", str(tmp_path), "--log_dir", str(tmp_path / "tb")]
+    import datasets
+
+    args = lk_main.get_args_parser().parse_args(argv)
+    steps = [type(t).__name__ for t in datasets.build_transform(True, args).transforms]
+    assert {"RandAugment", "RandomErasing"} <= set(steps), steps
+    assert lk_main.cli(argv) == 0
+    text = capsys.readouterr().out
+    assert "Mixup is activated!" in text and "criterion = SoftTargetCrossEntropy()" in text
+    log = read_log(tmp_path)[-1]
+    assert 0 < log["train_loss"] < 10 and 0 <= log["test_acc1_ema"] <= 100
+    # Layer decay: the stem learns at 0.8 ** 13 of the head's rate.
+    assert log["train_min_lr"] == pytest.approx(log["train_lr"] * 0.8 ** 13, rel=1e-6)
+
+
+def test_the_readme_cpu_example_runs_with_the_default_recipe(tmp_path):
+    with open(os.path.join(os.path.dirname(lk_main.__file__), "README.md")) as f:
+        text = f.read()
+    start = text.index("python main.py --model convnext_atto --device cpu")
+    argv = text[start:text.index("```", start)].replace("\\\n", " ").split()[2:]
+    assert not RECIPE_OFF & set(argv), argv
+    options = dict(zip(argv[::2], argv[1::2]))
+    assert int(options["--num_workers"]) <= 2  # what a laptop or this CI machine has
+    # A CPU-sized version of the same command: fewer epochs and images.
+    options.update({"--epochs": "1", "--train_subset": "320", "--eval_subset": "100",
+                    "--output_dir": str(tmp_path)})
+    assert lk_main.cli([token for pair in options.items() for token in pair]) == 0
+    assert read_log(tmp_path)[-1]["epoch"] == 0
+
+
+def test_the_demo_uses_the_default_recipe():
+    with open(os.path.join(os.path.dirname(lk_main.__file__), "Makefile")) as f:
+        makefile = f.read()
+    start = makefile.index("DEMO_ARGS ?=")
+    demo = makefile[start:makefile.index("\n\n", start)].replace("\\\n", " ").split()[2:]
+    assert "--model" in demo and not RECIPE_OFF & set(demo), demo

@@ -296,3 +296,27 @@ def test_main_eval_with_resume_in_training_merged_and_deploy_form(trained_checkp
     for stats in (merged, deploy):
         assert stats["loss"] == pytest.approx(train_form["loss"], rel=1e-4)
         assert stats["acc1"] == pytest.approx(train_form["acc1"], abs=0.5)
+
+
+def test_a_checkpoint_of_the_other_form_says_which_flag_to_change(trained_checkpoint, tmp_path,
+                                                                   capsys):
+    import main as lk_main
+
+    src, _ = trained_checkpoint
+    dst = tmp_path / "deploy.pth"
+    assert reparameterize_main(["--model", "unireplknet_a", "--src", str(src),
+                                "--dst", str(dst)]) == 0
+    common = ["--model", "unireplknet_a", "--device", "cpu", "--input_size", "32",
+              "--num_workers", "0", "--eval_subset", "20", "--eval", "true"]
+    to_deploy = "it holds the deploy (re-parameterized) form: add --deploy true"
+    to_training = ("it holds the training form: drop --deploy true (or convert it with "
+                   "tools/reparameterize.py)")
+    for extra, advice in ((["--resume", str(dst)], to_deploy),
+                          (["--resume", str(src), "--deploy", "true"], to_training),
+                          (["--finetune", str(dst)], to_deploy)):
+        capsys.readouterr()
+        assert lk_main.cli(common + extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err
+        assert "does not fit model unireplknet_a" in err or "fits only 132 of the 626" in err
+        assert err.endswith(advice), err

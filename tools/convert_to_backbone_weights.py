@@ -78,13 +78,16 @@ def convert(state: Dict[str, torch.Tensor], variant: str) -> Dict[str, torch.Ten
     return out
 
 
-def convert_checkpoint(model: str, variant: str, checkpoint: str, output_dir: str) -> str:
-    """Read, check against ``model``/``variant``, convert and write; returns the output path."""
+def convert_checkpoint(model: str, variant: str, checkpoint: str, output_dir: str,
+                       trust: bool = False) -> str:
+    """Read (weights-only unless ``trust``), check against ``model``/``variant``, convert and
+    write; returns the output path."""
     if model not in MODELS:
         raise UserError(f"--model must be one of {', '.join(MODELS)}, got {model!r}")
     if variant not in VARIANTS:
         raise UserError(f"--variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
-    state = utils.extract_state_dict(utils.load_checkpoint_file(checkpoint), "model|module")
+    state = utils.extract_state_dict(utils.load_checkpoint_file(checkpoint, trust),
+                                     "model|module")
     head = state.get("head.weight")
     with torch.device("meta"):  # shapes only
         reference = models.create_model(model, variant=variant,
@@ -108,6 +111,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="classifier checkpoint (raw state dict or {'model': ...})")
     parser.add_argument("--output_dir", required=True,
                         help="folder for the backbone weights (same file name)")
+    parser.add_argument("--trust_checkpoint", type=utils.str2bool, default=False,
+                        help="unpickle --checkpoint without the weights-only guard (it can run "
+                             "code: only for files you trust)")
     return parser
 
 
@@ -115,7 +121,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = get_args_parser().parse_args(argv)
 
     def convert() -> None:
-        path = convert_checkpoint(args.model, args.variant, args.checkpoint, args.output_dir)
+        path = convert_checkpoint(args.model, args.variant, args.checkpoint, args.output_dir,
+                                  args.trust_checkpoint)
         print(f"wrote backbone weights of {args.model} {args.variant} to {path}")
 
     return utils.exit_status(convert)
