@@ -88,14 +88,19 @@ class Trainer:
                                                               overwrite=True)
         args = copy.deepcopy(self.args)  # main.main fills in args; a requeue starts from ours
         args.dist_url = "env://"
-        return main.main(args)
+        with utils.peer_failures_reported(args):
+            return main.main(args)
 
     def checkpoint(self) -> submitit.helpers.DelayedSubmission:
         """Requeue this job, resuming from the newest checkpoint written so far."""
         args = copy.deepcopy(self.args)
         epochs = utils.checkpoint_epochs(args.output_dir) if args.output_dir else []
-        if epochs:
-            args.resume = os.path.join(args.output_dir, f"checkpoint-{epochs[0]}.pth")
+        # The newest checkpoint of this run that reads: a junk or foreign checkpoint-N.pth in
+        # the folder must not make every requeued attempt fail.
+        readable = [e for e in epochs if utils.is_run_checkpoint(
+            utils.checkpoint_path(args.output_dir, e), e, args.model)]
+        if readable:
+            args.resume = utils.checkpoint_path(args.output_dir, readable[0])
         source = args.resume or "the start (no checkpoint yet)"
         print(f"Requeuing the job; it resumes from {source}", flush=True)
         return submitit.helpers.DelayedSubmission(type(self)(args))

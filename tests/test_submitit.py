@@ -132,10 +132,13 @@ def test_two_process_job_requeues_every_rank(tmp_path):
 
 
 def test_checkpoint_resubmits_from_newest_checkpoint(tmp_path):
-    for name in ("checkpoint-3.pth", "checkpoint-12.pth", "checkpoint-7.pth",
-                 "checkpoint-best.pth", "checkpoint-13.pth.tmp.99"):
-        (tmp_path / name).write_bytes(b"")
     args = parse("--output_dir", str(tmp_path))
+    for epoch in (3, 12, 7):
+        torch.save({"model": {}, "epoch": epoch, "args": args}, tmp_path / f"checkpoint-{epoch}.pth")
+    torch.save({"model": {}, "epoch": 14}, tmp_path / "checkpoint-best.pth")
+    # Newer names that are not readable checkpoints of this run are passed over.
+    (tmp_path / "checkpoint-13.pth").write_bytes(b"junk")
+    (tmp_path / "checkpoint-13.pth.tmp.99").write_bytes(b"")
     trainer = rws.Trainer(args)
     delayed = trainer.checkpoint()
     assert isinstance(delayed, submitit.helpers.DelayedSubmission)
