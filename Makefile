@@ -12,10 +12,12 @@ DEMO_ARGS ?= --model convnext_atto --device cpu --epochs 4 --batch_size 32 --inp
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt
+# The export extras (onnx, onnxruntime) are optional for users but installed here, so that the
+# test suite checks the ONNX path too.
+$(VENV)/.installed: requirements.txt requirements-export.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -r requirements.txt
+	$(PY) -m pip install -r requirements.txt -r requirements-export.txt
 	touch $@
 
 data:

@@ -5,7 +5,7 @@ stem/downsample layout and the ConvNeXt layer-id rule live here.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -13,6 +13,11 @@ from torch.utils.checkpoint import checkpoint
 
 from .layers import DepthwiseConv2d, DropPath, LayerNorm2d, drop_path_rates, trunc_normal_
 from .registry import Family, create_model, register_family, register_model
+from .timm_api import TimmModelMixin, stage_feature_info
+
+__all__ = ["ConvNeXtBlock", "ConvNeXtLayout", "ConvNeXt", "convnext_stem", "convnext_downsample",
+           "convnext_layer_id", "convnext_atto", "convnext_tiny", "convnext_small",
+           "convnext_base", "convnext_large", "convnext_xlarge"]
 
 
 class ConvNeXtBlock(nn.Module):
@@ -59,22 +64,63 @@ def convnext_downsample(in_dim: int, out_dim: int) -> nn.Sequential:
 BlockFn = Callable[[int, int, int, float], nn.Module]
 
 
-class ConvNeXt(nn.Module):
+class ConvNeXtLayout(TimmModelMixin):
+    """timm's hooks (models.timm_api) for the ConvNeXt layout, shared with UniRepLKNet: stage
+    ``i`` is ``downsample_layers[i]`` (the stem for i = 0), then the blocks ``stages[i]``, each
+    under activation checkpointing when ``use_checkpoint`` is set."""
+
+    downsample_layers: nn.ModuleList
+    use_checkpoint: bool
+
+    def _forward_stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.downsample_layers[0](x)
+
+    def _forward_stage(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        if index > 0:
+            x = self.downsample_layers[index](x)
+        for block in self.stages[index]:
+            if self.use_checkpoint and x.requires_grad:
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
+
+    def _truncate_stages(self, num_stages: int) -> None:
+        self.downsample_layers = self.downsample_layers[:num_stages]
+        self.stages = self.stages[:num_stages]
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.use_checkpoint = enable
+
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """timm's parameter groups: the stem, then each stage (coarse) or each block, with the
+        downsampling that leads into a stage in its first group."""
+        return {"stem": r"^downsample_layers\.0\.",
+                "blocks": r"^(?:downsample_layers|stages)\.(\d+)" if coarse else [
+                    (r"^downsample_layers\.(\d+)", (0,)),
+                    (r"^stages\.(\d+)\.(\d+)", None)]}
+
+
+class ConvNeXt(ConvNeXtLayout, nn.Module):
     """Stem, 4 stages with downsampling between them, global pool + LN + linear head.
 
     ``block_fn`` and ``stem`` let other families (SLaK, oriented 1D) reuse this skeleton; the
-    defaults give facebookresearch's ConvNeXt.
+    defaults give facebookresearch's ConvNeXt. ``num_classes=0`` leaves out the classifier
+    (``forward`` gives the normalized pooled features); ``global_pool`` ('avg', 'max', '')
+    and ``drop_rate`` (dropout before the classifier) are timm's.
     """
 
     def __init__(self, in_chans: int = 3, num_classes: int = 1000,
                  depths: Sequence[int] = (3, 3, 9, 3), dims: Sequence[int] = (96, 192, 384, 768),
                  drop_path_rate: float = 0.0, layer_scale_init_value: float = 1e-6,
                  head_init_scale: float = 1.0, use_checkpoint: bool = False,
-                 block_fn: Optional[BlockFn] = None, stem: Optional[nn.Module] = None) -> None:
+                 block_fn: Optional[BlockFn] = None, stem: Optional[nn.Module] = None,
+                 global_pool: str = "avg", drop_rate: float = 0.0) -> None:
         super().__init__()
         if block_fn is None:
             def block_fn(stage: int, index: int, dim: int, drop_path: float) -> nn.Module:
                 return ConvNeXtBlock(dim, drop_path, layer_scale_init_value)
+        self.in_chans = in_chans
         self.use_checkpoint = use_checkpoint
         self.downsample_layers = nn.ModuleList(
             [stem if stem is not None else convnext_stem(in_chans, dims[0])])
@@ -86,26 +132,15 @@ class ConvNeXt(nn.Module):
             start = sum(depths[:i])
             self.stages.append(nn.Sequential(*[
                 block_fn(i, j, dims[i], rates[start + j]) for j in range(depth)]))
-        self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
-        self.head = nn.Linear(dims[-1], num_classes)
+        self.feature_info = stage_feature_info(list(dims))
+        self._init_head(dims[-1], num_classes, global_pool, drop_rate,
+                        norm=nn.LayerNorm(dims[-1], eps=1e-6))
 
         self.apply(_init_weights)
-        with torch.no_grad():
-            self.head.weight.mul_(head_init_scale)
-            self.head.bias.mul_(head_init_scale)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        for downsample, stage in zip(self.downsample_layers, self.stages):
-            x = downsample(x)
-            for block in stage:
-                if self.use_checkpoint and x.requires_grad:
-                    x = checkpoint(block, x, use_reentrant=False)
-                else:
-                    x = block(x)
-        return self.norm(x.mean([-2, -1]))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.forward_features(x))
+        if isinstance(self.head, nn.Linear):
+            with torch.no_grad():
+                self.head.weight.mul_(head_init_scale)
+                self.head.bias.mul_(head_init_scale)
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -26,6 +26,8 @@ from .layers import DepthwiseConv2d, DropPath
 from .oriented_conv import OrientedConv1d, channel_angles
 from .registry import Family, register_family, register_model
 
+__all__ = ["Stem1D", "OrientedBlock", "ConvNeXt1D", "build_oriented_convnext"]
+
 VARIANTS = ("2d", "1d", "1dpp", "2dpp")
 NUM_DIRECTIONS = 8
 # Per-stage kernel sizes of each variant: [first dwconv, dwconv inside the MLP].
@@ -112,7 +114,8 @@ class ConvNeXt1D(ConvNeXt):
     def __init__(self, variant: str = "1d", in_chans: int = 3, num_classes: int = 1000,
                  depths: Sequence[int] = (3, 3, 9, 3), dims: Sequence[int] = (96, 192, 384, 768),
                  drop_path_rate: float = 0.0, layer_scale_init_value: float = 1e-6,
-                 head_init_scale: float = 1.0, use_checkpoint: bool = False) -> None:
+                 head_init_scale: float = 1.0, use_checkpoint: bool = False,
+                 global_pool: str = "avg", drop_rate: float = 0.0) -> None:
         if variant not in BLOCK_KERNELS:
             raise ValueError(f"ConvNeXt1D variant must be one of {sorted(BLOCK_KERNELS)} "
                              f"(2d is models.convnext.ConvNeXt), got {variant!r}")
@@ -125,7 +128,7 @@ class ConvNeXt1D(ConvNeXt):
 
         super().__init__(in_chans, num_classes, depths, dims, drop_path_rate,
                          layer_scale_init_value, head_init_scale, use_checkpoint,
-                         block_fn=block, stem=stem)
+                         block_fn=block, stem=stem, global_pool=global_pool, drop_rate=drop_rate)
         self.variant = variant
 
 
@@ -148,14 +151,18 @@ def build_oriented_convnext(size: str, variant: str, drop_path_rate: Optional[fl
     return ConvNeXt1D(variant, depths=depths, dims=dims, drop_path_rate=rate, **kwargs)
 
 
-def _register(size: str, variant: str) -> None:
+def _register(size: str, variant: str) -> str:
+    name = f"convnext_{size}_{variant}"
+
     def constructor(drop_path_rate: Optional[float] = None, **kwargs) -> nn.Module:
         return build_oriented_convnext(size, variant, drop_path_rate, **kwargs)
 
+    constructor.__name__ = constructor.__qualname__ = name
     constructor.__doc__ = f"ConvNeXt-{size} with Oriented1D variant {variant!r}."
-    register_model("convnext_1d", name=f"convnext_{size}_{variant}")(constructor)
+    register_model("convnext_1d", name=name)(constructor)
+    # A module attribute like any registered constructor (``from models.convnext_1d import *``).
+    globals()[name] = constructor
+    return name
 
 
-for _size in _SIZES:
-    for _variant in VARIANTS:
-        _register(_size, _variant)
+__all__ += [_register(_size, _variant) for _size in _SIZES for _variant in VARIANTS]

@@ -147,6 +147,13 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     return F.conv2d(x, weight, bias, 1, pad, (dh, dw), weight.shape[0])
 
 
+# The dispatch above reads the input's device and the --lk_impl choice, which fx symbolic
+# tracing cannot see (it traces with shapeless, deviceless proxies). fx records each call as one
+# node instead, so a traced graph still dispatches when it runs; torch.export and torch.compile
+# trace real (fake) tensors and go through the dispatch as usual.
+torch.fx.wrap("depthwise_conv2d")
+
+
 class DepthwiseConv2d(nn.Conv2d):
     """Depthwise stride-1 conv with 'same' padding; parameters and state_dict keys of nn.Conv2d.
 

@@ -27,6 +27,9 @@ import torch.nn.functional as F
 
 from .layers import depthwise_conv2d
 
+# fx records calls to the large-kernel dispatcher here as single nodes (see models.layers).
+torch.fx.wrap("depthwise_conv2d")
+
 __all__ = ["OrientedConv1d", "oriented_conv1d", "tap_offsets", "channel_angles"]
 
 
@@ -47,7 +50,7 @@ def tap_offsets(theta: torch.Tensor, kernel_size: int) -> Tuple[torch.Tensor, to
     before the C cast truncates toward zero; float64 sin rounded to float32 reproduces that.
     """
     theta = theta.detach().to("cpu", torch.float64).reshape(-1)
-    k = torch.arange(kernel_size, dtype=torch.float32) - kernel_size // 2
+    k = torch.arange(kernel_size, dtype=torch.float32, device="cpu") - kernel_size // 2
     sin = theta.sin().float()[:, None]
     cos = theta.cos().float()[:, None]
     return torch.trunc(-sin * k).long(), torch.trunc(cos * k).long()
@@ -55,65 +58,60 @@ def tap_offsets(theta: torch.Tensor, kernel_size: int) -> Tuple[torch.Tensor, to
 
 @dataclass(frozen=True)
 class _Group:
-    """A run of channels ``start:stop`` sharing one tap pattern, as a sparse 2D kernel."""
+    """A run of channels ``start:stop`` sharing one tap pattern, as a sparse 2D kernel of
+    ``(2 * radius[0] + 1) x (2 * radius[1] + 1)`` taps."""
 
     start: int
     stop: int
     radius: Tuple[int, int]
-    positions: torch.Tensor  # (S,) flat index of each tap in the (2rh+1) x (2rw+1) kernel
 
 
-def _plan(theta: torch.Tensor, kernel_size: int, device: torch.device) -> List[_Group]:
+def _plan(theta: torch.Tensor, kernel_size: int) -> Tuple[List[_Group], torch.Tensor]:
+    """The channel groups of ``theta`` and, per channel, the flat index of each of its S taps
+    in its group's sparse kernel ((C, S) int64, on the CPU). Reads theta's values (a host sync)."""
     dh, dw = tap_offsets(theta, kernel_size)
     pattern = torch.cat([dh, dw], dim=1)
     change = (pattern[1:] != pattern[:-1]).any(dim=1).nonzero().flatten() + 1
     bounds = [0] + change.tolist() + [pattern.shape[0]]
     groups = []
+    positions = torch.empty_like(dh)
     for start, stop in zip(bounds[:-1], bounds[1:]):
         gh, gw = dh[start], dw[start]
         rh, rw = int(gh.abs().max()), int(gw.abs().max())
-        positions = ((gh + rh) * (2 * rw + 1) + gw + rw).to(device)
-        groups.append(_Group(start, stop, (rh, rw), positions))
-    return groups
+        positions[start:stop] = (gh + rh) * (2 * rw + 1) + gw + rw
+        groups.append(_Group(start, stop, (rh, rw)))
+    return groups, positions
 
 
-def _sparse_kernel(weight: torch.Tensor, group: _Group, resid: bool) -> torch.Tensor:
-    """(n, 1, 2rh+1, 2rw+1) kernel with the 1D taps of ``weight`` (n, 1, 1, S) at their offsets."""
+def _sparse_kernel(weight: torch.Tensor, positions: torch.Tensor, group: _Group,
+                   resid: bool) -> torch.Tensor:
+    """(n, 1, 2rh+1, 2rw+1) kernel with the 1D taps of ``weight`` (n, 1, 1, S) at ``positions``
+    (S,). Shapes come from the plan, not from tensors, so fx and torch.export trace it."""
     rh, rw = group.radius
     kh, kw = 2 * rh + 1, 2 * rw + 1
-    taps = weight.reshape(weight.shape[0], -1)
-    kernel = taps.new_zeros(taps.shape[0], kh * kw).index_add(1, group.positions, taps)
+    n = group.stop - group.start
+    taps = weight.reshape(n, -1)
+    kernel = taps.new_zeros(n, kh * kw).index_add(1, positions, taps)
     if resid:
         # Upstream's residual form adds 1 to the centre tap: y = x + conv(x) (stride 1).
-        kernel[:, rh * kw + rw] += 1
-    return kernel.reshape(-1, 1, kh, kw)
+        # Concatenation rather than an in-place add, which fx cannot record.
+        centre = rh * kw + rw
+        kernel = torch.cat([kernel[:, :centre], kernel[:, centre:centre + 1] + 1,
+                            kernel[:, centre + 1:]], dim=1)
+    return kernel.reshape(n, 1, kh, kw)
 
 
-def oriented_conv1d(x: torch.Tensor, weight: torch.Tensor, theta: torch.Tensor,
-                    bias: Optional[torch.Tensor] = None, stride: int = 1, resid: bool = False,
-                    nhwc: bool = False, plan: Optional[List[_Group]] = None) -> torch.Tensor:
-    """Depthwise oriented 1D conv of ``x`` (N, C, H, W), or (N, H, W, C) with ``nhwc``.
-
-    ``weight`` is (C, 1, 1, S) with S odd, ``theta`` (C,) angles in radians, ``bias`` (C,) or
-    None. Returns (N, C, ceil(H/stride), ceil(W/stride)) (NHWC if ``nhwc``). ``resid`` adds the
-    identity tap (``x + conv(x)`` at stride 1). ``plan`` is a cached channel grouping from the
-    same theta (see :class:`OrientedConv1d`); by default it is computed here (a host sync).
-    """
-    channels, _, one, kernel_size = weight.shape
-    if one != 1 or kernel_size % 2 == 0:
-        raise ValueError(f"weight must be (C, 1, 1, S) with S odd, got {tuple(weight.shape)}")
+def _convolve(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+              groups: List[_Group], positions: torch.Tensor, stride: int, resid: bool,
+              nhwc: bool) -> torch.Tensor:
+    """The oriented conv of a planned theta; no tensor data or shape is read, so it traces."""
     if nhwc:
         x = x.permute(0, 3, 1, 2)
-    if x.shape[1] != channels or theta.numel() != channels:
-        raise ValueError(f"input has {x.shape[1]} channels, weight {channels}, "
-                         f"theta {theta.numel()}; they must be equal (depthwise)")
-    if plan is None:
-        plan = _plan(theta, kernel_size, weight.device)
     outputs = []
-    for group in plan:
+    for group in groups:
         sl = slice(group.start, group.stop)
-        xs = x if len(plan) == 1 else x[:, sl]
-        kernel = _sparse_kernel(weight[sl], group, resid)
+        xs = x if len(groups) == 1 else x[:, sl]
+        kernel = _sparse_kernel(weight[sl], positions[group.start], group, resid)
         b = None if bias is None else bias[sl]
         if stride == 1:
             outputs.append(depthwise_conv2d(xs, kernel, b, padding=group.radius))
@@ -123,9 +121,30 @@ def oriented_conv1d(x: torch.Tensor, weight: torch.Tensor, theta: torch.Tensor,
             # (e.g. a 31x1 kernel at stride 2 on a 29x30 input, torch 2.15).
             rh, rw = group.radius
             outputs.append(F.conv2d(F.pad(xs, (rw, rw, rh, rh)), kernel, b, stride, 0, 1,
-                                    kernel.shape[0]))
+                                    group.stop - group.start))
     y = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
     return y.permute(0, 2, 3, 1) if nhwc else y
+
+
+def oriented_conv1d(x: torch.Tensor, weight: torch.Tensor, theta: torch.Tensor,
+                    bias: Optional[torch.Tensor] = None, stride: int = 1, resid: bool = False,
+                    nhwc: bool = False) -> torch.Tensor:
+    """Depthwise oriented 1D conv of ``x`` (N, C, H, W), or (N, H, W, C) with ``nhwc``.
+
+    ``weight`` is (C, 1, 1, S) with S odd, ``theta`` (C,) angles in radians, ``bias`` (C,) or
+    None. Returns (N, C, ceil(H/stride), ceil(W/stride)) (NHWC if ``nhwc``). ``resid`` adds the
+    identity tap (``x + conv(x)`` at stride 1). The channel grouping is computed from theta's
+    values on every call (a host sync); :class:`OrientedConv1d` plans once instead.
+    """
+    channels, _, one, kernel_size = weight.shape
+    if one != 1 or kernel_size % 2 == 0:
+        raise ValueError(f"weight must be (C, 1, 1, S) with S odd, got {tuple(weight.shape)}")
+    in_channels = x.shape[-1] if nhwc else x.shape[1]
+    if in_channels != channels or theta.numel() != channels:
+        raise ValueError(f"input has {in_channels} channels, weight {channels}, "
+                         f"theta {theta.numel()}; they must be equal (depthwise)")
+    groups, positions = _plan(theta, kernel_size)
+    return _convolve(x, weight, bias, groups, positions.to(weight.device), stride, resid, nhwc)
 
 
 class OrientedConv1d(nn.Conv2d):
@@ -134,6 +153,12 @@ class OrientedConv1d(nn.Conv2d):
     A drop-in for upstream's ``DepthwiseOrientedConv1d``: ``theta`` is an ``nn.Parameter`` so
     checkpoints match, but with ``requires_grad=False``: upstream never computes its gradient,
     and freezing it keeps it out of the optimizer's updates.
+
+    The tap plan (channel groups, and the tap positions as the non-persistent buffer
+    ``tap_index``, so it follows the module's device) is made from theta's values when the
+    module is built and whenever a state_dict is loaded into it, never in ``forward``: that
+    keeps forward free of host syncs and lets fx, torch.export and torch.compile trace it (and
+    the meta device build it). Call :meth:`refresh_plan` after changing theta in place.
 
     Args:
         channels: C (in = out = groups).
@@ -159,20 +184,25 @@ class OrientedConv1d(nn.Conv2d):
                                   requires_grad=False)
         self.resid = resid
         self.nhwc = nhwc
-        self._plan_key = None
-        self._plan: Optional[List[_Group]] = None
+        # Planned from the angles on the CPU, so a build on the meta device gets a real plan.
+        self._set_plan(torch.tensor(angles, dtype=torch.float32, device="cpu"))
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", resid={self.resid}, nhwc={self.nhwc}"
 
-    def tap_plan(self) -> List[_Group]:
-        """The channel grouping for the current theta, recomputed only when theta changes."""
-        key = (self.theta._version, self.theta.data_ptr(), self.weight.device)
-        if key != self._plan_key:
-            self._plan = _plan(self.theta, self.kernel_size[1], self.weight.device)
-            self._plan_key = key
-        return self._plan
+    def _set_plan(self, theta: torch.Tensor) -> None:
+        self._groups, positions = _plan(theta, self.kernel_size[1])
+        self.register_buffer("tap_index", positions.to(self.weight.device), persistent=False)
+
+    def refresh_plan(self) -> None:
+        """Re-plan from the current theta (a host sync)."""
+        self._set_plan(self.theta)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if not self.theta.is_meta:
+            self.refresh_plan()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return oriented_conv1d(x, self.weight, self.theta, self.bias, self.stride[0], self.resid,
-                               self.nhwc, self.tap_plan())
+        return _convolve(x, self.weight, self.bias, self._groups, self.tap_index, self.stride[0],
+                         self.resid, self.nhwc)

@@ -5,19 +5,21 @@ Every model is registered under the exact name the upstream CLI uses (``RepLKNet
 what the training loop needs to know about a group of models without importing them by name:
 the layer-id rule for layer-wise lr decay, and the family's own command-line flags.
 
-Models are also registered with timm, so ``timm.create_model(name)`` works after ``import models``.
+Models are also registered with timm (``models.timm_api``), under the same name, or as
+``lknets_<name>`` where timm has a model of that name, so ``timm.create_model`` builds lknets'
+models after ``import models`` and still builds timm's own models exactly as before.
 """
 from __future__ import annotations
 
 import argparse
 import difflib
 import fnmatch
-import functools
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
 import torch.nn as nn
+
+from .timm_api import register_with_timm
 
 
 @dataclass
@@ -44,13 +46,11 @@ class ModelEntry:
     name: str
     family: str
     constructor: Callable[..., nn.Module]
+    timm_name: str
 
 
 _FAMILIES: Dict[str, Family] = {}
 _MODELS: Dict[str, ModelEntry] = {}
-
-# Arguments timm.create_model passes to every entry point; our constructors do not take them.
-_TIMM_ONLY_KWARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
 
 
 def register_family(family: Family) -> Family:
@@ -69,34 +69,17 @@ def register_model(family: str, name: Optional[str] = None) -> Callable:
             raise ValueError(f"register family {family!r} before its models")
         if model_name in _MODELS:
             raise ValueError(f"model {model_name!r} is registered twice")
-        _MODELS[model_name] = ModelEntry(model_name, family, fn)
+        timm_name = register_with_timm(model_name, fn)
+        _MODELS[model_name] = ModelEntry(model_name, family, fn, timm_name)
         _FAMILIES[family].models.append(model_name)
-        _register_with_timm(model_name, fn)
         return fn
 
     return decorator
 
 
-def _register_with_timm(model_name: str, fn: Callable[..., nn.Module]) -> None:
-    from timm.models import register_model as timm_register_model
-
-    @functools.wraps(fn)
-    def timm_entry(pretrained: bool = False, **kwargs: Any) -> nn.Module:
-        if pretrained:
-            raise ValueError(
-                f"lknets does not download weights; build {model_name!r} and load a checkpoint "
-                "with --resume or --finetune")
-        for key in _TIMM_ONLY_KWARGS[1:]:
-            kwargs.pop(key, None)
-        return fn(**kwargs)
-
-    timm_entry.__name__ = model_name
-    timm_entry.__qualname__ = model_name
-    # Upstream repos register these names with timm too (convnext_tiny shadows timm's own);
-    # the override is deliberate, so timm's "overwriting" warning is noise here.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        timm_register_model(timm_entry)
+def timm_name(model_name: str) -> str:
+    """The name ``model_name`` is registered under in timm (``lknets_<name>`` for ConvNeXt's)."""
+    return _entry(model_name).timm_name
 
 
 def list_models(pattern: str = "*", family: Optional[str] = None) -> List[str]:

@@ -12,7 +12,7 @@ Differences from upstream, on purpose:
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -21,9 +21,10 @@ from torch.utils.checkpoint import checkpoint
 from .layers import DepthwiseConv2d, DropPath, drop_path_rates
 from .registry import Family, register_family, register_model
 from .reparam import ConvBN, depthwise_conv_from, merge_kernels
+from .timm_api import TimmModelMixin, stage_feature_info
 
 __all__ = ["ReparamLargeKernelConv", "RepLKBlock", "ConvFFN", "RepLKNetStage", "RepLKNet",
-           "replknet_layer_id"]
+           "replknet_layer_id", "replknet_31b", "replknet_31l", "replknet_xl"]
 
 
 class ReparamLargeKernelConv(nn.Module):
@@ -139,12 +140,17 @@ class RepLKNetStage(nn.Module):
         return x
 
 
-class RepLKNet(nn.Module):
+class RepLKNet(TimmModelMixin, nn.Module):
     """RepLKNet with upstream's constructor arguments.
 
     Classification (``num_classes``) and backbone use (``out_indices``: a list of stage outputs,
-    each passed through ``stages[i].norm``) are mutually exclusive, as upstream.
+    each passed through ``stages[i].norm``) are mutually exclusive, as upstream. The head
+    normalizes the last map with ``norm`` (BN) before pooling; ``global_pool`` ('avg', 'max',
+    '') and ``drop_rate`` (dropout before the classifier) are timm's, and ``num_classes=0``
+    leaves out the classifier.
     """
+
+    norm_before_pool = True
 
     def __init__(self, large_kernel_sizes: Sequence[int], layers: Sequence[int],
                  channels: Sequence[int], drop_path_rate: float = 0.0,
@@ -153,7 +159,8 @@ class RepLKNet(nn.Module):
                  out_indices: Optional[Sequence[int]] = None, use_checkpoint: bool = False,
                  small_kernel_merged: bool = False, use_sync_bn: bool = False,
                  norm_intermediate_features: bool = False, deploy: bool = False,
-                 in_chans: Optional[int] = None) -> None:
+                 in_chans: Optional[int] = None, global_pool: str = "avg",
+                 drop_rate: float = 0.0) -> None:
         super().__init__()
         if num_classes is None and out_indices is None:
             raise ValueError("RepLKNet needs num_classes (classification) or out_indices "
@@ -173,6 +180,7 @@ class RepLKNet(nn.Module):
         deploy = deploy or small_kernel_merged
         norm_layer = nn.SyncBatchNorm if use_sync_bn else nn.BatchNorm2d
 
+        self.in_chans = in_channels
         self.out_indices = tuple(out_indices) if out_indices is not None else None
         self.use_checkpoint = use_checkpoint
         self.num_stages = len(layers)
@@ -197,32 +205,47 @@ class RepLKNet(nn.Module):
                     ConvBN(channels[i], channels[i + 1], 1, relu=True, norm_layer=norm_layer),
                     ConvBN(channels[i + 1], channels[i + 1], 3, stride=2, groups=channels[i + 1],
                            relu=True, norm_layer=norm_layer)))
+        self.feature_info = stage_feature_info(list(channels))
+        if num_classes is None:
+            self.num_classes = 0
+            self.num_features = self.head_hidden_size = channels[-1]
+        else:
+            self._init_head(channels[-1], num_classes, global_pool, drop_rate,
+                            norm=norm_layer(channels[-1]))
 
-        if num_classes is not None:
-            self.norm = norm_layer(channels[-1])
-            self.avgpool = nn.AdaptiveAvgPool2d(1)
-            self.head = nn.Linear(channels[-1], num_classes)
-
-    def forward_features(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
-        """The last stage's feature map, or the list of ``out_indices`` stage outputs."""
+    def _forward_stem(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem[0](x)
         for layer in self.stem[1:]:
             x = _run(layer, x, self.use_checkpoint)
-        outs = []
-        for i, stage in enumerate(self.stages):
-            x = stage(x)
-            if self.out_indices is not None and i in self.out_indices:
-                outs.append(stage.norm(x))
-            if i < self.num_stages - 1:
-                x = self.transitions[i](x)
-        return x if self.out_indices is None else outs
+        return x
 
-    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
-        x = self.forward_features(x)
-        if self.out_indices is not None:
-            return x
-        x = torch.flatten(self.avgpool(self.norm(x)), 1)
-        return self.head(x)
+    def _forward_stage(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        if index > 0:
+            x = self.transitions[index - 1](x)
+        return self.stages[index](x)
+
+    def _stage_output(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        return self.stages[index].norm(x)
+
+    def _truncate_stages(self, num_stages: int) -> None:
+        self.stages = self.stages[:num_stages]
+        self.transitions = self.transitions[:num_stages - 1]
+        self.num_stages = num_stages
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.use_checkpoint = enable
+        for stage in self.stages:
+            stage.use_checkpoint = enable
+
+    def group_matcher(self, coarse: bool = False) -> Dict[str, Any]:
+        """timm's parameter groups: the stem, then each stage (coarse) or each block; a
+        transition and a stage's output norm join the group before them."""
+        return {"stem": r"^stem\.",
+                "blocks": r"^(?:stages|transitions)\.(\d+)" if coarse else [
+                    (r"^stages\.(\d+)\.blocks\.(\d+)", None),
+                    (r"^stages\.(\d+)\.norm", (99999,)),
+                    (r"^transitions\.(\d+)", (99999,)),
+                    (r"^norm\.", (99999,))]}
 
 
 def replknet_layer_id(name: str, num_layers: int = 12) -> int:

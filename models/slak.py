@@ -23,6 +23,9 @@ from .layers import DepthwiseConv2d
 from .registry import Family, register_family, register_model
 from .reparam import ConvBN, merge_kernels, pad_kernel_to
 
+__all__ = ["LargeKernelConv", "SLaKBlock", "SLaK", "SLaK_tiny", "SLaK_small", "SLaK_base",
+           "SLaK_large"]
+
 DEFAULT_KERNEL_SIZE = (51, 49, 47, 13, 5)
 
 
@@ -139,7 +142,7 @@ class SLaK(ConvNeXt):
                  head_init_scale: float = 1.0, kernel_size: Sequence[int] = DEFAULT_KERNEL_SIZE,
                  width_factor: float = 1.0, Decom: Optional[bool] = False, bn: bool = True,
                  sync_bn: bool = False, use_checkpoint: bool = False,
-                 deploy: bool = False) -> None:
+                 deploy: bool = False, global_pool: str = "avg", drop_rate: float = 0.0) -> None:
         sizes = _check_kernel_size(kernel_size, bool(Decom))
 
         def block(stage: int, index: int, dim: int, drop_path: float) -> SLaKBlock:
@@ -148,7 +151,7 @@ class SLaK(ConvNeXt):
 
         super().__init__(in_chans, num_classes, depths, [int(d * width_factor) for d in dims],
                          drop_path_rate, layer_scale_init_value, head_init_scale, use_checkpoint,
-                         block_fn=block)
+                         block_fn=block, global_pool=global_pool, drop_rate=drop_rate)
         self.kernel_size = sizes
 
 

@@ -15,20 +15,21 @@ Differences from upstream, on purpose:
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-from .convnext import _init_weights, convnext_layer_id
+from .convnext import ConvNeXtLayout, _init_weights, convnext_layer_id
 from .layers import DepthwiseConv2d, DropPath, LayerNorm2d, drop_path_rates
 from .registry import Family, register_family, register_model
 from .reparam import depthwise_conv_from, fuse_bn, linear_from, merge_kernels
+from .timm_api import stage_feature_info
 
 __all__ = ["DILATED_BRANCHES", "DilatedReparamBlock", "GRN", "SEBlock", "UniRepLKNetBlock",
-           "UniRepLKNet"]
+           "UniRepLKNet", "unireplknet_a", "unireplknet_f", "unireplknet_p", "unireplknet_n",
+           "unireplknet_t", "unireplknet_s", "unireplknet_b", "unireplknet_l", "unireplknet_xl"]
 
 # Parallel dilated branches per large kernel size: (kernel, dilation) pairs, upstream's table.
 # Every branch has a dilated extent r * (k - 1) + 1 <= K, so it merges into the K x K kernel.
@@ -224,12 +225,14 @@ DEFAULT_KERNEL_SIZES: Dict[Tuple[int, ...], Tuple[Tuple[int, ...], ...]] = {
 }
 
 
-class UniRepLKNet(nn.Module):
+class UniRepLKNet(ConvNeXtLayout, nn.Module):
     """UniRepLKNet with upstream's constructor arguments.
 
     ``num_classes=None`` builds a backbone: ``forward`` returns the feature maps of
     ``out_indices`` (default all four stages), each through its channels-first LayerNorm
-    ``norm{i}``, as upstream's OpenMMLab backbone.
+    ``norm{i}``, as upstream's OpenMMLab backbone. ``num_classes=0`` leaves out the classifier
+    of the classification model; ``global_pool`` ('avg', 'max', '') and ``drop_rate`` (dropout
+    before the classifier) are timm's.
     """
 
     def __init__(self, in_chans: int = 3, num_classes: Optional[int] = 1000,
@@ -238,7 +241,8 @@ class UniRepLKNet(nn.Module):
                  head_init_scale: float = 1.0,
                  kernel_sizes: Optional[Sequence[Sequence[int]]] = None, deploy: bool = False,
                  with_cp: bool = False, use_sync_bn: bool = False,
-                 out_indices: Optional[Sequence[int]] = None, use_checkpoint: bool = False) -> None:
+                 out_indices: Optional[Sequence[int]] = None, use_checkpoint: bool = False,
+                 global_pool: str = "avg", drop_rate: float = 0.0) -> None:
         super().__init__()
         depths = tuple(depths)
         if len(depths) != 4 or len(dims) != 4:
@@ -257,7 +261,8 @@ class UniRepLKNet(nn.Module):
                              f"(backbone), not both; got num_classes={num_classes}, "
                              f"out_indices={out_indices}; pass num_classes=None for a backbone")
         norm_layer = nn.SyncBatchNorm if use_sync_bn else nn.BatchNorm2d
-        self.with_cp = with_cp or use_checkpoint
+        self.in_chans = in_chans
+        self.use_checkpoint = with_cp or use_checkpoint
 
         self.downsample_layers = nn.ModuleList([nn.Sequential(
             nn.Conv2d(in_chans, dims[0] // 2, kernel_size=3, stride=2, padding=1),
@@ -278,46 +283,31 @@ class UniRepLKNet(nn.Module):
                                  layer_scale_init_value, deploy, norm_layer)
                 for j in range(depth)]))
 
-        self.out_indices: Optional[Tuple[int, ...]] = None
+        self.feature_info = stage_feature_info(list(dims))
         if num_classes is not None:
-            self.norm = nn.LayerNorm(dims[-1], eps=1e-6)
-            self.head = nn.Linear(dims[-1], num_classes)
+            self._init_head(dims[-1], num_classes, global_pool, drop_rate,
+                            norm=nn.LayerNorm(dims[-1], eps=1e-6))
         else:
+            self.num_classes = 0
+            self.num_features = self.head_hidden_size = dims[-1]
             self.out_indices = tuple(out_indices) if out_indices is not None else (0, 1, 2, 3)
             for i in self.out_indices:
                 self.add_module(f"norm{i}", LayerNorm2d(dims[i]))
 
         self.apply(_init_weights)
-        if num_classes is not None:
+        if isinstance(self._modules.get("head"), nn.Linear):
             with torch.no_grad():
                 self.head.weight.mul_(head_init_scale)
                 self.head.bias.mul_(head_init_scale)
 
-    def _stage(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        x = self.downsample_layers[i](x)
-        for block in self.stages[i]:
-            if self.with_cp and x.requires_grad:
-                x = checkpoint(block, x, use_reentrant=False)
-            else:
-                x = block(x)
-        return x
+    @property
+    def with_cp(self) -> bool:
+        """Upstream's name of ``use_checkpoint``."""
+        return self.use_checkpoint
 
-    def forward_features(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
-        """Pooled, normalized features (classifier), or the ``out_indices`` maps (backbone)."""
-        if self.out_indices is not None:
-            outs = []
-            for i in range(4):
-                x = self._stage(i, x)
-                if i in self.out_indices:
-                    outs.append(getattr(self, f"norm{i}")(x))
-            return outs
-        for i in range(4):
-            x = self._stage(i, x)
-        return self.norm(x.mean([-2, -1]))
-
-    def forward(self, x: torch.Tensor) -> Union[torch.Tensor, List[torch.Tensor]]:
-        x = self.forward_features(x)
-        return x if self.out_indices is not None else self.head(x)
+    def _stage_output(self, index: int, x: torch.Tensor) -> torch.Tensor:
+        norm = self._modules.get(f"norm{index}")
+        return x if norm is None else norm(x)
 
 
 register_family(Family(name="unireplknet", layer_id_for=convnext_layer_id))

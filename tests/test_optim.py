@@ -105,12 +105,14 @@ def test_registry_and_timm_agree():
 
     assert "convnext_atto" in models.list_models()
     assert models.list_models("convnext_*", family="convnext")[0] == "convnext_atto"
-    model = timm.create_model("convnext_atto", num_classes=7)
+    # timm has a convnext_atto of its own, which lknets' does not shadow.
+    assert models.timm_name("convnext_atto") == "lknets_convnext_atto"
+    model = timm.create_model("lknets_convnext_atto", num_classes=7)
     assert type(model).__module__ == "models.convnext"
     assert model.head.out_features == 7
     assert isinstance(models.get_family("convnext_atto").layer_id_for("head.weight"), int)
     with pytest.raises(ValueError, match="does not download"):
-        timm.create_model("convnext_atto", pretrained=True)
+        timm.create_model("lknets_convnext_atto", pretrained=True)
 
 
 def test_convnext_tiny_matches_upstream_size():
