@@ -8,7 +8,7 @@ DEMO_ARGS ?= --model convnext_atto --device cpu --epochs 4 --batch_size 32 --inp
 	--train_subset 10000 --eval_subset 2000 --num_workers 2 --lr 2e-3 --warmup_epochs 1 \
 	--output_dir output/demo --log_dir output/demo/tb
 
-.PHONY: setup data demo test clean
+.PHONY: setup data demo test test-timm-all clean
 
 setup: $(VENV)/.installed
 
@@ -32,7 +32,12 @@ demo: setup data
 # where no CUDA toolkit is found).
 test: setup data
 	$(PY) setup.py -q build_ext --inplace
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "" tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not timm_all" tests
+
+# timm's own tests/test_models.py on every registered model (make test runs it on the smallest
+# model of each family).
+test-timm-all: setup
+	$(PY) -m pytest -q -m timm_all tests/test_timm_suite.py
 
 clean:
 	rm -rf output
