@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 
 __all__ = ["DropPath", "trunc_normal_", "LayerNorm2d", "DepthwiseConv2d", "depthwise_conv2d",
-           "to_2tuple", "drop_path_rates", "set_lk_impl", "get_lk_impl", "LK_IMPLS"]
+           "to_2tuple", "drop_path_rates", "set_lk_impl", "get_lk_impl", "LK_IMPLS",
+           "oriented_kernel_runs"]
 
 IntOrPair = Union[int, Tuple[int, int]]
 
@@ -145,6 +146,15 @@ def depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         if _kernels_ready(impl == "cuda"):
             return _kernel_fn(x, weight, bias, pad, (dh, dw))
     return F.conv2d(x, weight, bias, 1, pad, (dh, dw), weight.shape[0])
+
+
+def oriented_kernel_runs(x: torch.Tensor) -> bool:
+    """Whether an oriented 1D conv of ``x`` runs on lknets' oriented kernel: every CUDA input
+    unless ``--lk_impl torch`` (or the extension is missing under ``auto``). Against torch's
+    path, a sparse 2D conv per angle group, it measured faster on every shape it was timed on
+    (benchmarks/oriented.py, benchmarks/RESULTS.md)."""
+    impl = get_lk_impl()
+    return x.is_cuda and impl != "torch" and _kernels_ready(impl == "cuda")
 
 
 # The dispatch above reads the input's device and the --lk_impl choice, which fx symbolic

@@ -1,4 +1,4 @@
-"""Depthwise oriented 1D convolution (Kirchmeyer & Deng, ICCV 2023), in pure PyTorch.
+"""Depthwise oriented 1D convolution (Kirchmeyer & Deng, ICCV 2023).
 
 Channel c convolves with a 1 x S kernel laid along the angle ``theta[c]``. Tap positions follow
 princeton-vl/Oriented1D's kernels exactly: with ``pad = S // 2`` and ``k = s - pad``, tap ``s``
@@ -6,29 +6,26 @@ reads the input at row offset ``trunc(-sin(theta) * k)`` and column offset ``tru
 both computed in float32 and truncated toward zero (so at 45 degrees several taps can land on the
 same pixel), with zero padding and stride ``st``: ``y[p, q] = sum_s w[s] x[p*st + dh_s, q*st + dw_s]``.
 
-Implementation: channels with the same tap pattern (upstream's angle groups are contiguous runs
-of channels) are convolved with one *sparse 2D kernel* of size (2*max|dh|+1, 2*max|dw|+1) that
-holds the 1D taps at their offsets (taps on the same pixel add up). That is the same sum, so the
-result is exact up to float rounding, autograd gives exact gradients for input, weight and bias,
-and only the input and the small kernel are kept for backward. Stride-1 convs go through
-:func:`models.layers.depthwise_conv2d`, the one entry point for large depthwise kernels; sizes not
-divisible by the stride give ceil(H / st) outputs, as zero-padding to a multiple would
-(upstream's ``forward_safe``). A dedicated CUDA kernel can replace :func:`oriented_conv1d` later.
+Two implementations compute that sum; :func:`models.layers.oriented_kernel_runs` picks one.
+On CUDA, lknets' oriented kernel (``kernels.oriented_conv1d``) gathers the S taps of every output
+in one launch for all channels, from tap offsets planned once per module. Elsewhere (CPU, or
+``--lk_impl torch``), channels with the same tap pattern (upstream's angle groups are contiguous
+runs of channels) are convolved with one *sparse 2D kernel* of size (2*max|dh|+1, 2*max|dw|+1)
+that holds the 1D taps at their offsets (taps on the same pixel add up): the same sum, exact up
+to float rounding, with autograd's exact gradients; its stride-1 convs go through
+:func:`models.layers.depthwise_conv2d`. Sizes not divisible by the stride give ceil(H / st)
+outputs, as zero-padding to a multiple would (upstream's ``forward_safe``).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import depthwise_conv2d
-
-# fx records calls to the large-kernel dispatcher here as single nodes (see models.layers).
-torch.fx.wrap("depthwise_conv2d")
+from .layers import depthwise_conv2d, oriented_kernel_runs
 
 __all__ = ["OrientedConv1d", "oriented_conv1d", "tap_offsets", "channel_angles"]
 
@@ -56,20 +53,23 @@ def tap_offsets(theta: torch.Tensor, kernel_size: int) -> Tuple[torch.Tensor, to
     return torch.trunc(-sin * k).long(), torch.trunc(cos * k).long()
 
 
-@dataclass(frozen=True)
-class _Group:
+class _Group(NamedTuple):
     """A run of channels ``start:stop`` sharing one tap pattern, as a sparse 2D kernel of
-    ``(2 * radius[0] + 1) x (2 * radius[1] + 1)`` taps."""
+    ``(2 * radius[0] + 1) x (2 * radius[1] + 1)`` taps. (A NamedTuple: fx can record it as an
+    argument.)"""
 
     start: int
     stop: int
     radius: Tuple[int, int]
 
 
-def _plan(theta: torch.Tensor, kernel_size: int) -> Tuple[List[_Group], torch.Tensor]:
-    """The channel groups of ``theta`` and, per channel, the flat index of each of its S taps
-    in its group's sparse kernel ((C, S) int64, on the CPU). Reads theta's values (a host sync)."""
+def _plan(theta: torch.Tensor, kernel_size: int
+          ) -> Tuple[List[_Group], torch.Tensor, torch.Tensor]:
+    """The channel groups of ``theta``; per channel, the flat index of each of its S taps in its
+    group's sparse kernel ((C, S) int64); and every tap's (row, column) offset as the CUDA
+    kernel reads them ((S, C, 2) int32). On the CPU; reads theta's values (a host sync)."""
     dh, dw = tap_offsets(theta, kernel_size)
+    offsets = torch.stack([dh.t(), dw.t()], dim=2).to(torch.int32).contiguous()
     pattern = torch.cat([dh, dw], dim=1)
     change = (pattern[1:] != pattern[:-1]).any(dim=1).nonzero().flatten() + 1
     bounds = [0] + change.tolist() + [pattern.shape[0]]
@@ -80,7 +80,7 @@ def _plan(theta: torch.Tensor, kernel_size: int) -> Tuple[List[_Group], torch.Te
         rh, rw = int(gh.abs().max()), int(gw.abs().max())
         positions[start:stop] = (gh + rh) * (2 * rw + 1) + gw + rw
         groups.append(_Group(start, stop, (rh, rw)))
-    return groups, positions
+    return groups, positions, offsets
 
 
 def _sparse_kernel(weight: torch.Tensor, positions: torch.Tensor, group: _Group,
@@ -91,20 +91,30 @@ def _sparse_kernel(weight: torch.Tensor, positions: torch.Tensor, group: _Group,
     kh, kw = 2 * rh + 1, 2 * rw + 1
     n = group.stop - group.start
     taps = weight.reshape(n, -1)
-    kernel = taps.new_zeros(n, kh * kw).index_add(1, positions, taps)
-    if resid:
-        # Upstream's residual form adds 1 to the centre tap: y = x + conv(x) (stride 1).
-        # Concatenation rather than an in-place add, which fx cannot record.
-        centre = rh * kw + rw
-        kernel = torch.cat([kernel[:, :centre], kernel[:, centre:centre + 1] + 1,
-                            kernel[:, centre + 1:]], dim=1)
-    return kernel.reshape(n, 1, kh, kw)
+    taps = _with_identity(taps) if resid else taps
+    return taps.new_zeros(n, kh * kw).index_add(1, positions, taps).reshape(n, 1, kh, kw)
 
 
-def _convolve(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-              groups: List[_Group], positions: torch.Tensor, stride: int, resid: bool,
-              nhwc: bool) -> torch.Tensor:
-    """The oriented conv of a planned theta; no tensor data or shape is read, so it traces."""
+def _with_identity(taps: torch.Tensor) -> torch.Tensor:
+    """(C, S) taps with 1 added to the centre tap (offset (0, 0)): upstream's residual form
+    ``x + conv(x)``. Concatenation rather than an in-place add, which fx cannot record."""
+    centre = taps.shape[1] // 2
+    return torch.cat([taps[:, :centre], taps[:, centre:centre + 1] + 1, taps[:, centre + 1:]], 1)
+
+
+def oriented_conv1d_planned(x: torch.Tensor, weight: torch.Tensor,
+                            bias: Optional[torch.Tensor], groups: Sequence[_Group],
+                            positions: torch.Tensor, offsets: torch.Tensor, stride: int,
+                            resid: bool, nhwc: bool) -> torch.Tensor:
+    """The oriented conv of a planned theta (``positions`` and ``offsets`` from :func:`_plan`);
+    no tensor data is read."""
+    if oriented_kernel_runs(x):
+        import kernels
+        taps = weight.reshape(weight.shape[0], -1)
+        taps = _with_identity(taps) if resid else taps
+        y = kernels.oriented_conv1d(x.permute(0, 3, 1, 2) if nhwc else x, taps.t(), offsets,
+                                    bias, stride)
+        return y.permute(0, 2, 3, 1) if nhwc else y
     if nhwc:
         x = x.permute(0, 3, 1, 2)
     outputs = []
@@ -126,6 +136,11 @@ def _convolve(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor
     return y.permute(0, 2, 3, 1) if nhwc else y
 
 
+# The choice of implementation reads the input's device, which fx symbolic tracing cannot see:
+# fx records each oriented conv as one node, which dispatches when the traced graph runs.
+torch.fx.wrap("oriented_conv1d_planned")
+
+
 def oriented_conv1d(x: torch.Tensor, weight: torch.Tensor, theta: torch.Tensor,
                     bias: Optional[torch.Tensor] = None, stride: int = 1, resid: bool = False,
                     nhwc: bool = False) -> torch.Tensor:
@@ -143,8 +158,9 @@ def oriented_conv1d(x: torch.Tensor, weight: torch.Tensor, theta: torch.Tensor,
     if in_channels != channels or theta.numel() != channels:
         raise ValueError(f"input has {in_channels} channels, weight {channels}, "
                          f"theta {theta.numel()}; they must be equal (depthwise)")
-    groups, positions = _plan(theta, kernel_size)
-    return _convolve(x, weight, bias, groups, positions.to(weight.device), stride, resid, nhwc)
+    groups, positions, offsets = _plan(theta, kernel_size)
+    return oriented_conv1d_planned(x, weight, bias, groups, positions.to(weight.device),
+                                   offsets.to(weight.device), stride, resid, nhwc)
 
 
 class OrientedConv1d(nn.Conv2d):
@@ -154,8 +170,9 @@ class OrientedConv1d(nn.Conv2d):
     checkpoints match, but with ``requires_grad=False``: upstream never computes its gradient,
     and freezing it keeps it out of the optimizer's updates.
 
-    The tap plan (channel groups, and the tap positions as the non-persistent buffer
-    ``tap_index``, so it follows the module's device) is made from theta's values when the
+    The tap plan (channel groups, and the non-persistent buffers ``tap_index`` (positions in
+    the sparse kernels) and ``tap_offsets`` (the CUDA kernel's offsets), so that they follow the
+    module's device) is made from theta's values when the
     module is built and whenever a state_dict is loaded into it, never in ``forward``: that
     keeps forward free of host syncs and lets fx, torch.export and torch.compile trace it (and
     the meta device build it). Call :meth:`refresh_plan` after changing theta in place.
@@ -191,8 +208,10 @@ class OrientedConv1d(nn.Conv2d):
         return super().extra_repr() + f", resid={self.resid}, nhwc={self.nhwc}"
 
     def _set_plan(self, theta: torch.Tensor) -> None:
-        self._groups, positions = _plan(theta, self.kernel_size[1])
+        groups, positions, offsets = _plan(theta, self.kernel_size[1])
+        self._groups = tuple(groups)
         self.register_buffer("tap_index", positions.to(self.weight.device), persistent=False)
+        self.register_buffer("tap_offsets", offsets.to(self.weight.device), persistent=False)
 
     def refresh_plan(self) -> None:
         """Re-plan from the current theta (a host sync)."""
@@ -204,5 +223,5 @@ class OrientedConv1d(nn.Conv2d):
             self.refresh_plan()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _convolve(x, self.weight, self.bias, self._groups, self.tap_index, self.stride[0],
-                         self.resid, self.nhwc)
+        return oriented_conv1d_planned(x, self.weight, self.bias, self._groups, self.tap_index,
+                                       self.tap_offsets, self.stride[0], self.resid, self.nhwc)

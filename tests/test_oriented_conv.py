@@ -1,5 +1,6 @@
 """The oriented depthwise 1D conv reproduces upstream's tap positions, forward and backward."""
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -169,3 +170,78 @@ def test_strided_float32_gradients_match_float64_on_cpu():
     conv64(x64).square().sum().backward()
     torch.testing.assert_close(conv.weight.grad.double(), conv64.weight.grad, rtol=1e-4, atol=1e-3)
     torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-4)
+
+
+def _run(conv, x, impl):
+    """Output, input / weight / bias gradients of ``conv(x)`` with ``--lk_impl impl``, and how
+    many times lknets' oriented kernel ran."""
+    import kernels
+    from models import layers
+    previous = layers.get_lk_impl()
+    layers.set_lk_impl(impl)
+    try:
+        x = x.detach().requires_grad_()
+        conv.zero_grad()
+        with mock.patch.object(kernels, "oriented_conv1d", wraps=kernels.oriented_conv1d) as op:
+            y = conv(x)
+        seed = torch.arange(y.numel(), device=y.device, dtype=torch.float64).cos()
+        y.backward(seed.to(y.dtype).reshape(y.shape))
+        return y.detach(), x.grad, conv.weight.grad.clone(), conv.bias.grad.clone(), op.call_count
+    finally:
+        layers.set_lk_impl(previous)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("stride,size,nhwc,resid", [
+    (1, (13, 11), False, False), (1, (12, 9), True, True), (2, (29, 30), False, False),
+    (2, (15, 17), True, False), (3, (10, 7), False, False)])
+def test_cuda_kernel_equals_the_torch_path_in_float64(stride, size, nhwc, resid):
+    """lknets' oriented kernel against the sparse-kernel path, forward and all gradients, on
+    upstream's 8 directions (45-degree taps that share pixels included) and odd sizes."""
+    torch.manual_seed(0)
+    channels = 16
+    angles = [math.pi * ((8 * (c + 1) - 1) // channels / 8) for c in range(channels)]
+    conv = OrientedConv1d(channels, 15, stride=stride, angle=angles, resid=resid, nhwc=nhwc)
+    conv = conv.double().cuda()
+    x = torch.randn(3, channels, *size, dtype=torch.float64, device="cuda")
+    if nhwc:
+        x = x.permute(0, 2, 3, 1).contiguous()
+    *ours, kernel_calls = _run(conv, x, "cuda")
+    *torchs, no_calls = _run(conv, x, "torch")
+    assert (kernel_calls, no_calls) == (1, 0)
+    for got, expected in zip(ours, torchs):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_kernel_16_bit_and_float32_against_float64(dtype, channels_last):
+    torch.manual_seed(0)
+    channels = 24
+    angles = [math.pi * ((8 * (c + 1) - 1) // channels / 8) for c in range(channels)]
+    conv = OrientedConv1d(channels, 31, angle=angles).cuda()
+    x = torch.randn(2, channels, 20, 18, device="cuda")
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y64, gx64, gw64, gb64, _ = _run(conv.double(), x.double(), "torch")
+    y, gx, gw, gb, _ = _run(conv.to(dtype), x.to(dtype), "cuda")
+    assert y.is_contiguous(memory_format=torch.channels_last) == channels_last
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}[dtype]
+    for got, expected in ((y, y64), (gx, gx64), (gw, gw64), (gb, gb64)):
+        scale = expected.abs().max()
+        assert (got.double() - expected).abs().max() <= tol * scale
+
+
+@pytest.mark.gpu
+def test_cuda_kernel_under_autocast_and_torch_compile():
+    torch.manual_seed(0)
+    conv = OrientedConv1d(8, 9, angle=[c * math.pi / 8 for c in range(8)]).cuda()
+    x = torch.randn(2, 8, 16, 16, device="cuda")
+    expected = conv(x)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = conv(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), expected, rtol=2e-2, atol=2e-2)
+    compiled = torch.compile(conv, fullgraph=True)
+    torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)
