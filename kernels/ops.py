@@ -235,7 +235,8 @@ def merge_subgrids(y: Tensor, dilation: Tuple[int, int], height: int, width: int
 
 def depthwise_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                      padding=None, dilation=1) -> Tensor:
-    """Depthwise, stride-1 cross-correlation of CUDA ``x`` (N, C, H, W) with ``weight`` (C, 1, kh, kw).
+    """Depthwise, stride-1 cross-correlation of ``x`` (N, C, H, W) with ``weight`` (C, 1, kh, kw):
+    lknets' kernels on CUDA tensors, torch's convolution on CPU tensors.
 
     ``padding`` (int or pair) defaults to half the dilated kernel, ``dilation * (k // 2)`` ('same'
     for odd kernels); with ``dilation`` (int or pair) above 1 it must be a multiple of it, as
@@ -260,6 +261,10 @@ def depthwise_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
         raise ValueError(f"depthwise_conv2d: kernel {kh}x{kw} with dilation ({dh}, {dw}) and "
                          f"padding ({pad_h}, {pad_w}) does not fit the input {tuple(x.shape)}; "
                          "padding must be >= 0 and leave at least a 1x1 output")
+    if x.device.type == "cpu":
+        # The extension is CUDA-only; on the CPU the same conv is torch's.
+        return torch.nn.functional.conv2d(x, weight, bias, 1, (pad_h, pad_w), (dh, dw),
+                                          weight.shape[0])
     if torch.is_autocast_enabled("cuda") and x.is_cuda:
         dtype = torch.get_autocast_dtype("cuda")
         x, weight = x.to(dtype), weight.to(dtype)

@@ -185,8 +185,40 @@ def test_dilated_dispatch_rule(layout, size, k, dilation, expected, monkeypatch)
     assert layers._kernel_wins(x, k, k, (dilation, dilation)) is expected
 
 
+# Builds models and runs them on the CPU after importing kernels, recording every attempt to
+# compile (torch's JIT extension loader, any nvcc/ninja process) or to load the extension.
+_OBSERVE_IMPORT = """
+import subprocess, sys
+import torch.utils.cpp_extension as cpp_extension
+attempts = []
+cpp_extension.load = lambda *a, **k: attempts.append(("cpp_extension.load", a))
+popen = subprocess.Popen
+def watched(args, *a, **k):
+    if any(tool in str(args) for tool in ("nvcc", "ninja", "c++", "gcc")):
+        attempts.append(("process", args))
+    return popen(args, *a, **k)
+subprocess.Popen = watched
+import torch, kernels, models
+for name in ("convnext_atto", "convnext_tiny_1d", "unireplknet_a"):
+    models.create_model(name, num_classes=3)(torch.randn(1, 3, 64, 64))
+x, w = torch.randn(1, 4, 9, 9), torch.randn(4, 1, 5, 5)
+torch.testing.assert_close(kernels.depthwise_conv2d(x, w), torch.nn.functional.conv2d(x, w, None, 1, 2, 1, 4))
+assert kernels.ops._state == {"loaded": False, "error": None}, kernels.ops._state
+assert "kernels._C" not in sys.modules
+assert not attempts, attempts
+print("nothing compiled")
+"""
+
+
 def test_importing_kernels_compiles_nothing():
-    assert not kernels.ops._state["loaded"] or kernels.is_built() or torch.cuda.is_available()
+    """Importing kernels and models, building models and running them on the CPU neither
+    compiles nor loads the extension (it is compiled on the first call on a GPU)."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", _OBSERVE_IMPORT], cwd=root, capture_output=True,
+                          text=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""), timeout=300)
+    assert done.returncode == 0 and "nothing compiled" in done.stdout, done.stderr[-3000:]
 
 
 # ------------------------------------------------------------------------------------ GPU numerics
