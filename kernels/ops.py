@@ -261,10 +261,6 @@ def depthwise_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
         raise ValueError(f"depthwise_conv2d: kernel {kh}x{kw} with dilation ({dh}, {dw}) and "
                          f"padding ({pad_h}, {pad_w}) does not fit the input {tuple(x.shape)}; "
                          "padding must be >= 0 and leave at least a 1x1 output")
-    if x.device.type == "cpu":
-        # The extension is CUDA-only; on the CPU the same conv is torch's.
-        return torch.nn.functional.conv2d(x, weight, bias, 1, (pad_h, pad_w), (dh, dw),
-                                          weight.shape[0])
     if torch.is_autocast_enabled("cuda") and x.is_cuda:
         dtype = torch.get_autocast_dtype("cuda")
         x, weight = x.to(dtype), weight.to(dtype)
@@ -273,6 +269,10 @@ def depthwise_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
         raise TypeError(f"depthwise_conv2d: input dtype {x.dtype}, weight dtype {weight.dtype}"
                         + (f", bias dtype {bias.dtype}" if bias is not None else "")
                         + " must match (or run under torch.autocast)")
+    if x.device.type == "cpu":
+        # The extension is CUDA-only; on the CPU the same conv is torch's.
+        return torch.nn.functional.conv2d(x, weight, bias, 1, (pad_h, pad_w), (dh, dw),
+                                          weight.shape[0])
     if (dh, dw) == (1, 1):
         return _undilated(x, weight, bias, pad_h, pad_w)
     if _use_subgrids(x.shape[2], x.shape[3]):
