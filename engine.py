@@ -1,10 +1,11 @@
 """Train one epoch and evaluate."""
 from __future__ import annotations
 
+import abc
 import contextlib
 import math
 import time
-from typing import Any, Dict, Iterable, List, Optional
+from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -21,6 +22,21 @@ def autocast(device: torch.device, amp_dtype: Optional[torch.dtype]):
     if amp_dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=amp_dtype)
+
+
+class InputCriterion(abc.ABC):
+    """A training loss that also sees the (mixed) input batch, e.g. to run a teacher on it
+    (``distill.DistillationLoss``), and reports the terms it is the sum of.
+
+    train_one_epoch calls it as ``criterion(samples, outputs, targets)`` where a plain loss is
+    called as ``criterion(outputs, targets)``, and logs each term beside the loss (progress
+    lines, TensorBoard, the epoch's averages as ``train_<term>``).
+    """
+
+    @abc.abstractmethod
+    def __call__(self, inputs: torch.Tensor, outputs: torch.Tensor, targets: torch.Tensor
+                 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """(loss, {term name: scalar tensor}), the terms summing to the loss."""
 
 
 def _ddp_module(model: torch.nn.Module) -> Optional[DistributedDataParallel]:
@@ -58,15 +74,18 @@ class _StepRecords:
 
     def add(self, data_iter_step: int, update: int, loss: torch.Tensor,
             class_acc: Optional[torch.Tensor], grad_norm: Optional[torch.Tensor],
-            optimizer: torch.optim.Optimizer, log_step: Optional[int]) -> None:
-        """Record one iteration; ``log_step`` is its TensorBoard step (None: not written)."""
+            optimizer: torch.optim.Optimizer, log_step: Optional[int],
+            terms: Dict[str, torch.Tensor]) -> None:
+        """Record one iteration; ``log_step`` is its TensorBoard step (None: not written),
+        ``terms`` the loss terms of an InputCriterion (logged like the loss)."""
         lrs = [g["lr"] for g in optimizer.param_groups]
         weight_decay = max((g["weight_decay"] for g in optimizer.param_groups), default=0.0)
         self.records.append({
             "data_iter_step": data_iter_step, "update": update, "log_step": log_step,
             "loss": self._hold(loss), "class_acc": self._hold(class_acc),
             "grad_norm": self._hold(grad_norm), "lr": max(lrs), "min_lr": min(lrs),
-            "weight_decay": weight_decay})
+            "weight_decay": weight_decay,
+            "terms": {name: self._hold(value) for name, value in terms.items()}})
 
     def flush(self) -> None:
         """Copy the held values to the host and log them; raise UserError at the first
@@ -80,6 +99,7 @@ class _StepRecords:
         for rec in records:
             loss, class_acc, grad_norm = (None if rec[name] is None else values[rec[name]]
                                           for name in ("loss", "class_acc", "grad_norm"))
+            terms = {name: values[index] for name, index in rec["terms"].items()}
             if not math.isfinite(loss):
                 raise utils.UserError(
                     f"loss is {loss} at epoch {self.epoch}, iteration {rec['data_iter_step']} "
@@ -87,10 +107,10 @@ class _StepRecords:
                     "--amp_dtype bfloat16")
             self.metric_logger.update(loss=loss, class_acc=class_acc, lr=rec["lr"],
                                       min_lr=rec["min_lr"], weight_decay=rec["weight_decay"],
-                                      grad_norm=grad_norm)
+                                      grad_norm=grad_norm, **terms)
             if self.log_writer is not None and rec["log_step"] is not None:
                 self.log_writer.update(head="loss", step=rec["log_step"], loss=loss,
-                                       class_acc=class_acc)
+                                       class_acc=class_acc, **terms)
                 self.log_writer.update(head="opt", step=rec["log_step"], lr=rec["lr"],
                                        min_lr=rec["min_lr"], weight_decay=rec["weight_decay"],
                                        grad_norm=grad_norm)
@@ -102,8 +122,9 @@ def _wait_for_device(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loader: Iterable,
-                    optimizer: torch.optim.Optimizer, device: torch.device, epoch: int,
+def train_one_epoch(model: torch.nn.Module, criterion: Union[torch.nn.Module, InputCriterion],
+                    data_loader: Iterable, optimizer: torch.optim.Optimizer,
+                    device: torch.device, epoch: int,
                     loss_scaler: utils.LossScaler, max_norm: Optional[float] = None,
                     model_ema=None, mixup_fn: Optional[Mixup] = None,
                     log_writer: Optional[utils.TensorboardLogger] = None, start_steps: int = 0,
@@ -113,6 +134,9 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
                     amp_dtype: Optional[torch.dtype] = None, print_freq: int = 10,
                     masking: Optional[Masking] = None) -> Dict[str, float]:
     """One pass over ``data_loader`` with gradient accumulation over ``update_freq`` micro-batches.
+
+    ``criterion(outputs, targets)`` gives the loss, or for an InputCriterion
+    ``criterion(samples, outputs, targets)`` the loss and its terms.
 
     lr and weight decay follow the per-update schedules (lr times each group's ``lr_scale``).
     With ``masking`` (SLaK sparse training) the masks are re-applied, and every ``-u`` updates
@@ -171,7 +195,10 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
               else contextlib.nullcontext()):
             with autocast(device, amp_dtype):
                 output = model(samples)
-                loss = criterion(output, targets)
+                if isinstance(criterion, InputCriterion):
+                    loss, terms = criterion(samples, output, targets)
+                else:
+                    loss, terms = criterion(output, targets), {}
             grad_norm = loss_scaler(loss / update_freq, optimizer, clip_grad=max_norm,
                                     parameters=params, update_grad=update_grad)
         if update_grad:
@@ -190,7 +217,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: torch.nn.Module, data_loa
         if log_writer is not None and update_grad:
             log_step = log_writer.step
             log_writer.set_step()
-        records.add(data_iter_step, it, loss, class_acc, grad_norm, optimizer, log_step)
+        records.add(data_iter_step, it, loss, class_acc, grad_norm, optimizer, log_step, terms)
 
     records.flush()
     metric_logger.synchronize_between_processes()

@@ -403,8 +403,18 @@ def build_mixup(args: argparse.Namespace, nb_classes: int) -> Optional[Mixup]:
                  label_smoothing=args.smoothing, num_classes=nb_classes)
 
 
-def main(args: argparse.Namespace) -> Dict[str, Any]:
-    """Train (or with --eval, evaluate) as the flags say; returns the last stats."""
+# (criterion, number of classes, device, eval loader or None) -> the criterion to train with.
+CriterionHook = Callable[[torch.nn.Module, int, torch.device, Optional[DataLoader]], Any]
+
+
+def main(args: argparse.Namespace,
+         criterion_hook: Optional[CriterionHook] = None) -> Dict[str, Any]:
+    """Train (or with --eval, evaluate) as the flags say; returns the last stats.
+
+    ``criterion_hook``, when given, is called once before the first epoch with the training
+    criterion and returns the one to train with instead (main_KD.py: a distillation loss
+    around it, with the teacher).
+    """
     validate_args(args)
     utils.init_distributed_mode(args)
     if str(args.device).startswith("cuda") and not torch.cuda.is_available():
@@ -456,7 +466,7 @@ def main(args: argparse.Namespace) -> Dict[str, Any]:
     masking = build_masking(args, model_without_ddp, optimizer, loss_scaler, train_loader,
                             checkpoint) if args.sparse else None
     return train(args, model, model_without_ddp, model_ema, optimizer, loss_scaler, train_loader,
-                 val_loader, mixup_fn, device, amp_dtype, n_parameters, masking)
+                 val_loader, mixup_fn, device, amp_dtype, n_parameters, masking, criterion_hook)
 
 
 def build_masking(args, model_without_ddp, optimizer, loss_scaler, train_loader,
@@ -500,7 +510,8 @@ def run_eval(args, model, model_without_ddp, model_ema, val_loader, device, amp_
 
 
 def train(args, model, model_without_ddp, model_ema, optimizer, loss_scaler, train_loader,
-          val_loader, mixup_fn, device, amp_dtype, n_parameters, masking=None):
+          val_loader, mixup_fn, device, amp_dtype, n_parameters, masking=None,
+          criterion_hook: Optional[CriterionHook] = None):
     world_size = utils.get_world_size()
     total_batch = args.batch_size * args.update_freq * world_size
     steps_per_epoch = len(train_loader) // args.update_freq
@@ -522,6 +533,8 @@ def train(args, model, model_without_ddp, model_ema, optimizer, loss_scaler, tra
         criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
     else:
         criterion = torch.nn.CrossEntropyLoss()
+    if criterion_hook is not None:
+        criterion = criterion_hook(criterion, args.nb_classes, device, val_loader)
     print(f"criterion = {criterion}")
 
     log_writer = None
