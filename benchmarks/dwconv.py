@@ -48,7 +48,8 @@ DIRECTIONS = ("fwd", "dgrad", "wgrad", "f+b")
 
 _flush = None
 # A spin kernel before each timed repetition keeps the GPU busy while the host queues the whole
-# repetition, so host-side launch overhead is not timed (as in shared/perf/baseline.md).
+# repetition, so host-side launch overhead is not timed (as in the pre-lknets baseline of torch's
+# and MegEngine's kernels that kernels/DESIGN.md cites).
 SPIN_CYCLES = 4_000_000
 
 

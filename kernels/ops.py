@@ -9,7 +9,7 @@ per-block partial sums are reduced in a fixed order, with no atomics.
 The extension runs every dtype on one of three tensor-core (GEMM) formulations chosen by plane
 size: the plane GEMM up to 64 pixels (8x8), the small-plane GEMM up to 16x16, the row-Toeplitz
 GEMM beyond (fp32 as 3xTF32), except that fp32 planes of 17 to 64 columns run the mid-plane GEMM
-(its weight gradient up to 32 columns; see benchmarks/RESULTS.md). The environment variable
+(its weight gradient up to 32 columns; see kernels/DESIGN.md). The environment variable
 ``LKNETS_DWCONV_ALGO=direct|gemm|small|rows|mid`` forces one where it takes the shape
 (benchmarks, tests). The tensor-core paths are NCHW-native: other layouts are read and written
 through strides.

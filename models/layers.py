@@ -83,8 +83,9 @@ def _kernel_wins(x: torch.Tensor, kh: int, kw: int, dilation: Tuple[int, int] = 
     Every kernel from 3x3 up (input dtype, or the autocast dtype; bf16: RepLKNet's 5x5 branches
     2.2-4.8x, UniRepLKNet's 3x3 blocks 2.1-2.8x; fp32 on the tensor cores as 3xTF32: 5x5 at 56x56
     2.3x, 3x3 1.9x), except square 3x3 and 5x5 in fp16, where torch takes cuDNN's depthwise kernels
-    and wins on some maps; kernels of up to 7x7 on channels_last input stay on cuDNN, which wins
-    there.
+    and wins on some maps; kernels of at most 49 taps on channels_last input (7x7, and 1-D
+    kernels up to 1x49 / 49x1) stay on cuDNN, which won on the 7x7 ones (the 1-D ones there
+    were not measured separately).
     """
     autocast = torch.is_autocast_enabled("cuda")
     dtype = torch.get_autocast_dtype("cuda") if autocast else x.dtype

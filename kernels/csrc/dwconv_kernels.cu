@@ -395,7 +395,7 @@ Algo forced_algo() {
   return Algo::kAuto;
 }
 
-// Where each formulation measured fastest (H100, benchmarks/RESULTS.md): the plane GEMM for planes
+// Where each formulation measured fastest (H100, kernels/DESIGN.md): the plane GEMM for planes
 // of up to 64 pixels, the small-plane GEMM up to 16x16, the row-Toeplitz GEMM beyond (fp32 on all
 // three as 3xTF32), except that fp32 runs the mid-plane GEMM where it takes the shape (forward 17
 // to 64 columns, weight gradient 17 to 32): RepLKNet-31B f+b stage 1 5.36 -> 3.73 ms, stage 2
