@@ -21,6 +21,7 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV2
 from torch.utils.data import DataLoader, DistributedSampler
 
+import kernels.plan
 import models
 import utils
 from datasets import DATA_SETS, EpochSeededDataset, build_dataset, report_skipped
@@ -330,7 +331,7 @@ def build_model(args: argparse.Namespace, nb_classes: int) -> torch.nn.Module:
         kwargs["use_checkpoint"] = True
     if args.deploy:
         kwargs["deploy"] = True
-    models.layers.set_lk_impl(args.lk_impl)
+    kernels.plan.set_lk_impl(args.lk_impl)
     try:
         kwargs.update(models.family_kwargs(args.model, args))
         return models.create_model(args.model, **kwargs)

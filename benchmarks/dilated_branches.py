@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import kernels  # noqa: E402
+from kernels.plan import using  # noqa: E402
 from benchmarks.dwconv import DTYPES, timed  # noqa: E402
 from models.unireplknet import DILATED_BRANCHES  # noqa: E402
 
@@ -64,11 +65,11 @@ def main() -> None:
                     dy = torch.randn(x.shape, device="cuda", dtype=dtype)
                     fwd, fb = [], []
                     for name, conv in IMPLS:
-                        os.environ["LKNETS_DWCONV_DILATION"] = name
-                        with torch.no_grad():
-                            fwd.append(timed(lambda: conv(x, w, r)))
-                        fb.append(timed(lambda: torch.autograd.grad(conv(x, w, r), [x, w], dy)))
-                    os.environ.pop("LKNETS_DWCONV_DILATION")
+                        with using(dilation=name if name in ("subgrids", "dense") else "auto"):
+                            with torch.no_grad():
+                                fwd.append(timed(lambda: conv(x, w, r)))
+                            fb.append(timed(lambda: torch.autograd.grad(conv(x, w, r), [x, w],
+                                                                        dy)))
                     print(f"| C{c} {size}x{size} | {k}x{k} d{r} | {dtype_name} | {layout} | "
                           + " / ".join(f"{t:.3f}" for t in fwd) + " | "
                           + " / ".join(f"{t:.3f}" for t in fb) + " |", flush=True)

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import kernels  # noqa: E402
+import kernels.plan  # noqa: E402
 
 # name: (N, C, H=W, (kh, kw))
 SHAPES = {
@@ -124,12 +125,9 @@ def run_case(impl, n, c, h, k, dtype, layout) -> dict:
     dy = torch.randn_like(x)
     xg, wg = x.detach().requires_grad_(), w.detach().requires_grad_()
     if impl.startswith("ours"):
-        # "ours:direct" / "ours:gemm" force one formulation of the extension; "ours" lets it choose.
-        algo = impl.partition(":")[2]
-        if algo:
-            os.environ["LKNETS_DWCONV_ALGO"] = algo
-        else:
-            os.environ.pop("LKNETS_DWCONV_ALGO", None)
+        # "ours:direct" / "ours:plane" force one formulation (kernels.plan.FORMULATIONS) in every
+        # direction; "ours" runs the plan's choice.
+        kernels.plan.configure(formulation=impl.partition(":")[2] or "auto")
         fwd = lambda: torch.ops.lknets.dwconv2d(x, w, None, *pad)
         dgrad = lambda: torch.ops.lknets.dwconv2d_input_grad(dy, w, *pad)
         wgrad = lambda: torch.ops.lknets.dwconv2d_weight_grad(x, dy, kh, kw, *pad)
@@ -155,7 +153,7 @@ def main() -> None:
     parser.add_argument("--dtypes", default="bf16,fp16,fp32")
     parser.add_argument("--layouts", default="nchw,nhwc")
     parser.add_argument("--impls", default="ours,torch",
-                        help="ours, ours:direct, ours:gemm (force a formulation), torch")
+                        help="ours, ours:FORMULATION (force one of kernels.plan.FORMULATIONS), torch")
     parser.add_argument("--jsonl", default=None)
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = False
@@ -177,7 +175,8 @@ def main() -> None:
                 for impl in args.impls.split(","):
                     try:
                         t = run_case(impl, n, c, h, k, dtype, layout)
-                    except RuntimeError as exc:  # e.g. out of memory in a torch path
+                    except (RuntimeError, ValueError) as exc:  # out of memory; a forced
+                        # formulation that does not take the shape
                         print(f"| {name} | {dname} | {layout} | {impl} | failed: {exc} |")
                         continue
                     row = {"shape": name, "N": n, "C": c, "H": h, "k": list(k), "dtype": dname,

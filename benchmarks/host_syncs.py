@@ -24,6 +24,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 import engine as current_engine  # noqa: E402
+import kernels.plan  # noqa: E402
 import models  # noqa: E402
 import utils  # noqa: E402
 
@@ -75,7 +76,7 @@ def main() -> None:
     parser.add_argument("--input_size", type=int, default=224)
     parser.add_argument("--engine", default=None, help="another engine.py to count alongside")
     args = parser.parse_args()
-    models.layers.set_lk_impl("torch")  # the loop is under test, not the conv: no build needed
+    kernels.plan.set_lk_impl("torch")  # the loop is under test, not the conv: no build needed
     engines = [("current", current_engine)]
     if args.engine:
         engines.append((args.engine, load_engine(args.engine)))

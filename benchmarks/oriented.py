@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.dwconv import timed  # noqa: E402
-from models.layers import set_lk_impl  # noqa: E402
+from kernels.plan import set_lk_impl  # noqa: E402
 from models.oriented_conv import OrientedConv1d, channel_angles  # noqa: E402
 
 # name: (N, C, H=W, S, stride, layout, resid) -- where ConvNeXt-T-1D / -1D++ runs it
@@ -63,16 +63,33 @@ def time_shape(shape, dtype) -> dict:
     return out
 
 
-HEADER = ("| shape (N, C, H, S, stride, layout) | dtype | ours fwd ms | torch fwd ms | "
-          "ours f+b ms | torch f+b ms | f+b speed-up |\n|---|---|---|---|---|---|---|")
+HEADER = ("| shape (N, C, H, S, stride, layout) | bf16 ours fwd | bf16 ours f+b | bf16 torch f+b | "
+          "speed-up | fp32 ours f+b | fp32 torch f+b | speed-up |\n|---|---|---|---|---|---|---|---|")
 
 
-def row(name: str, shape, dtype: str, r: dict) -> str:
+def describe(name: str, shape) -> str:
     n, c, h, s, stride, layout, resid = shape
-    desc = f"{name} ({n}, {c}, {h}, {s}, /{stride}, {layout}{', resid' if resid else ''})"
-    return (f"| {desc} | {dtype} | {r['cuda']['fwd']:.3f} | {r['torch']['fwd']:.3f} | "
-            f"{r['cuda']['f+b']:.3f} | {r['torch']['f+b']:.3f} | "
-            f"{r['torch']['f+b'] / r['cuda']['f+b']:.1f}x |")
+    return f"{name} ({n}, {c}, {h}, {s}, /{stride}, {layout}{', resid' if resid else ''})"
+
+
+def table(records) -> str:
+    """One row per shape, bf16 and fp32 side by side (ms)."""
+    by_shape = {}
+    for r in records:
+        by_shape.setdefault(r["shape"], {"dims": r["dims"]})[r["dtype"]] = r
+    rows = [HEADER]
+    for name, runs in by_shape.items():
+        cells = []
+        for dtype in ("bf16", "fp32"):
+            r = runs.get(dtype)
+            if r is None:
+                cells += ["—"] * (4 if dtype == "bf16" else 3)
+                continue
+            ours, theirs = r["cuda"], r["torch"]
+            cells += ([f"{ours['fwd']:.3f}"] if dtype == "bf16" else []) + [
+                f"{ours['f+b']:.3f}", f"{theirs['f+b']:.3f}", f"{theirs['f+b'] / ours['f+b']:.1f}x"]
+        rows.append(f"| {describe(name, runs['dims'])} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
 
 
 def main() -> None:
@@ -86,25 +103,27 @@ def main() -> None:
     if args.table:
         with open(args.table) as f:
             records = [json.loads(line) for line in f]
-        print(f"# {records[0]['device']} | torch {records[0]['torch_version']}\n{HEADER}")
-        for r in records:
-            print(row(r["shape"], r["dims"], r["dtype"], r))
+        print(f"# {records[0]['device']} | torch {records[0]['torch_version']}\n{table(records)}")
         return
     torch.backends.cudnn.benchmark = False
     print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | CUDA {torch.version.cuda}")
-    print(HEADER)
+    records = []
     sink = open(args.jsonl, "a") if args.jsonl else None
     for name in args.shapes.split(","):
         shape = SHAPES[name]
         for dname in args.dtypes.split(","):
             r = time_shape(shape, DTYPES[dname])
-            print(row(name, shape, dname, r), flush=True)
+            records.append({"shape": name, "dims": shape, "dtype": dname,
+                            "device": torch.cuda.get_device_name(),
+                            "torch_version": torch.__version__, **r})
+            print(f"{describe(name, shape)} {dname}: ours {r['cuda']['fwd']:.3f} / "
+                  f"{r['cuda']['f+b']:.3f} ms, torch {r['torch']['fwd']:.3f} / "
+                  f"{r['torch']['f+b']:.3f} ms (fwd / f+b)", flush=True)
             if sink:
-                sink.write(json.dumps({"shape": name, "dims": shape, "dtype": dname,
-                                       "device": torch.cuda.get_device_name(),
-                                       "torch_version": torch.__version__, **r}) + "\n")
+                sink.write(json.dumps(records[-1]) + "\n")
     if sink:
         sink.close()
+    print(table(records))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
-"""Per-shape table for benchmarks/RESULTS.md from the JSON lines of benchmarks/dwconv.py --jsonl.
+"""The depthwise-conv table of benchmarks/RESULTS.md from benchmarks/dwconv.py --jsonl output.
 
-    python benchmarks/summarize.py benchmarks/results/dwconv_16bit.jsonl benchmarks/results/dwconv_fp32.jsonl
+    python benchmarks/summarize.py benchmarks/results/dwconv_16bit.jsonl \\
+        benchmarks/results/dwconv_fp32.jsonl
 
-One row per (shape, dtype): ours and torch per layout, best torch over layouts against ours in
-NCHW (f+b), and the floors dwconv.py computed.
+One row per shape: for bf16 and fp32, ours (NCHW) forward + backward, the best of torch's NCHW and
+channels_last paths, the speed-up, and ours against the useful-SIMT floor dwconv.py computed. The
+JSON lines hold every direction, fp16 and the channels_last timings of ours as well.
 """
 from __future__ import annotations
 
@@ -12,49 +14,40 @@ import json
 from typing import Dict, List, Optional, Tuple
 
 
-def _load(paths: List[str]) -> Tuple[List[Tuple[str, str]], Dict[tuple, dict]]:
+def _load(paths: List[str]) -> Tuple[List[str], Dict[tuple, dict]]:
     order, rows = [], {}
     for path in paths:
         with open(path) as f:
             for line in f:
                 r = json.loads(line)
-                key = (r["shape"], r["dtype"])
-                if key not in order:
-                    order.append(key)
-                rows[key + (r["layout"], r["impl"])] = r
+                if r["shape"] not in order:
+                    order.append(r["shape"])
+                rows[(r["shape"], r["dtype"], r["layout"], r["impl"])] = r
     return order, rows
 
 
-def _dirs(r: Optional[dict]) -> str:
-    if r is None:
-        return "—"
-    return " / ".join(f"{r[d]:.3f}" for d in ("fwd", "dgrad", "wgrad", "f+b"))
-
-
-def _fb(r: Optional[dict]) -> str:
-    return "—" if r is None else f"{r['f+b']:.3f}"
+def _cells(rows: Dict[tuple, dict], shape: str, dtype: str, with_floor: bool) -> List[str]:
+    ours = rows.get((shape, dtype, "nchw", "ours"))
+    theirs = [rows.get((shape, dtype, layout, "torch")) for layout in ("nchw", "nhwc")]
+    best: Optional[float] = min((r["f+b"] for r in theirs if r is not None), default=None)
+    if ours is None or best is None:
+        return ["—"] * (4 if with_floor else 3)
+    cells = [f"{ours['f+b']:.3f}", f"{best:.3f}", f"{best / ours['f+b']:.1f}x"]
+    if with_floor:
+        cells.append(f"{100 * ours['useful_fb'] / ours['f+b']:.0f}%")
+    return cells
 
 
 def table(paths: List[str]) -> str:
     order, rows = _load(paths)
-    out = ["| shape (N, C, HxW, k) | dtype | ours NCHW fwd / dgrad / wgrad / f+b | ours channels_last "
-           "f+b | torch NCHW fwd / dgrad / wgrad / f+b | torch channels_last f+b | best torch / ours "
-           "(f+b) | floor f+b | useful-SIMT floor f+b | ours % of useful floor |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
-    for shape, dtype in order:
-        get = lambda layout, impl: rows.get((shape, dtype, layout, impl))  # noqa: E731
-        ours, ours_cl = get("nchw", "ours"), get("nhwc", "ours")
-        torch_nchw, torch_cl = get("nchw", "torch"), get("nhwc", "torch")
-        ref = ours or ours_cl
-        if ref is None:
-            continue
-        best_torch = min((r["f+b"] for r in (torch_nchw, torch_cl) if r is not None), default=None)
-        ratio = f"{best_torch / ours['f+b']:.1f}x" if best_torch and ours else "—"
-        useful = f"{100 * ref['useful_fb'] / ours['f+b']:.0f}%" if ours else "—"
+    out = ["| shape (N, C, HxW, k) | bf16 ours | bf16 best torch | speed-up | % of useful-SIMT floor "
+           "| fp32 ours | fp32 best torch | speed-up |", "|---|---|---|---|---|---|---|---|"]
+    for shape in order:
+        ref = next(r for key, r in rows.items() if key[0] == shape)
         kh, kw = ref["k"]
-        out.append(f"| {shape} ({ref['N']}, {ref['C']}, {ref['H']}x{ref['H']}, {kh}x{kw}) | {dtype} | "
-                   f"{_dirs(ours)} | {_fb(ours_cl)} | {_dirs(torch_nchw)} | {_fb(torch_cl)} | {ratio} | "
-                   f"{ref['floor_fb']:.3f} | {ref['useful_fb']:.3f} | {useful} |")
+        cells = _cells(rows, shape, "bf16", True) + _cells(rows, shape, "fp32", False)
+        out.append(f"| {shape} ({ref['N']}, {ref['C']}, {ref['H']}x{ref['H']}, {kh}x{kw}) | "
+                   + " | ".join(cells) + " |")
     return "\n".join(out)
 
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models import create_model  # noqa: E402
-from models.layers import set_lk_impl  # noqa: E402
+from kernels.plan import set_lk_impl  # noqa: E402
 
 AMP = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 

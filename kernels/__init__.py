@@ -5,7 +5,9 @@ input grad and weight grad; fp32/fp16/bf16 with fp32 accumulation; any layout; k
 stride 1; dilated convs as the undilated conv of their interleaved sub-grids) as
 the torch custom op ``lknets::dwconv2d`` (autograd, autocast, torch.compile and CUDA graphs work).
 ``oriented_conv1d`` (kernels/oriented.py) is the oriented 1D depthwise conv of ConvNeXt-1D, on
-the same extension. ``DepthwiseConv2dImplicitGEMM`` is a drop-in for upstream's module of that name. The extension is
+the same extension. ``kernels.plan`` decides what runs: torch's conv or ours, and for ours the
+formulation of every launch (models call ``plan.planned_depthwise_conv2d``).
+``DepthwiseConv2dImplicitGEMM`` is a drop-in for upstream's module of that name. The extension is
 built by ``python setup.py build_ext --inplace``, or compiled on first use and cached.
 Nothing here compiles or touches CUDA at import time.
 """
@@ -17,10 +19,11 @@ import torch.nn.functional as F
 
 from .ops import (depthwise_conv2d, dilate_kernel, is_available, is_built, load_extension,
                   merge_subgrids, split_subgrids)
+from . import plan
 from .oriented import oriented_conv1d
 
 __all__ = ["depthwise_conv2d", "DepthwiseConv2dImplicitGEMM", "dilate_kernel", "is_available",
-           "is_built", "load_extension", "merge_subgrids", "oriented_conv1d", "split_subgrids"]
+           "is_built", "load_extension", "merge_subgrids", "oriented_conv1d", "plan", "split_subgrids"]
 
 
 class DepthwiseConv2dImplicitGEMM(nn.Conv2d):

@@ -6,31 +6,22 @@ cached, on the first call that runs on a GPU. Eager calls on plain CUDA tensors 
 autograd.Function over the same extension ops (host time). The weight gradient is deterministic:
 per-block partial sums are reduced in a fixed order, with no atomics.
 
-The extension runs every dtype on one of three tensor-core (GEMM) formulations chosen by plane
-size: the plane GEMM up to 64 pixels (8x8), the small-plane GEMM up to 16x16, the row-Toeplitz
-GEMM beyond (fp32 as 3xTF32), except that fp32 planes of 17 to 64 columns run the mid-plane GEMM
-(its weight gradient up to 32 columns; see kernels/DESIGN.md). The environment variable
-``LKNETS_DWCONV_ALGO=direct|gemm|small|rows|mid`` forces one where it takes the shape
-(benchmarks, tests). The tensor-core paths are NCHW-native: other layouts are read and written
-through strides.
-
-Dilation has no kernel of its own; a dilated conv runs one of two ways. A conv with dilation d
-reads, for each output pixel, only the pixels of its own residue class (row mod d, column mod d),
-so it is the undilated conv of each of the d x d interleaved sub-grids of the image
-(``split_subgrids``): a batch d * d times larger through the k x k taps only, at the price of
-copying the sub-grids out and back. Or the kernel is expanded to its dense, zero-filled extent
-(``dilate_kernel``), which costs no copies but computes the zero taps. Sub-grids are taken for
-planes larger than 16 x 16 (the small-plane GEMM's range), where they measured faster
-(benchmarks/dilated_branches.py); ``LKNETS_DWCONV_DILATION=subgrids|dense`` forces one.
+The extension runs every dtype on tensor-core (GEMM) formulations; which one each launch takes,
+whether tall kernels run on transposed views, and how a dilated conv runs (its interleaved
+sub-grids, or its dense zero-filled kernel) is decided in kernels/plan.py, and the extension runs
+exactly the formulation it is given. The tensor-core paths are NCHW-native: other layouts are read
+and written through strides.
 """
 from __future__ import annotations
 
-import os
+import functools
 import threading
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
+
+from . import plan
 
 __all__ = ["depthwise_conv2d", "dilate_kernel", "load_extension", "is_available", "is_built",
            "split_subgrids", "merge_subgrids"]
@@ -102,7 +93,7 @@ def _output_layout(t: Tensor) -> torch.memory_format:
 
 @torch.library.custom_op("lknets::dwconv2d", mutates_args=(), device_types="cuda")
 def dwconv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor], pad_h: int, pad_w: int) -> Tensor:
-    return load_extension().forward(x, weight, bias, pad_h, pad_w)
+    return _forward(load_extension(), x, weight, bias, pad_h, pad_w)
 
 
 @dwconv2d.register_fake
@@ -115,7 +106,7 @@ def _dwconv2d_fake(x, weight, bias, pad_h, pad_w):
 
 @torch.library.custom_op("lknets::dwconv2d_input_grad", mutates_args=(), device_types="cuda")
 def dwconv2d_input_grad(grad_out: Tensor, weight: Tensor, pad_h: int, pad_w: int) -> Tensor:
-    return load_extension().input_grad(grad_out, weight, pad_h, pad_w)
+    return _input_grad(load_extension(), grad_out, weight, pad_h, pad_w)
 
 
 @dwconv2d_input_grad.register_fake
@@ -130,12 +121,31 @@ def _dwconv2d_input_grad_fake(grad_out, weight, pad_h, pad_w):
 @torch.library.custom_op("lknets::dwconv2d_weight_grad", mutates_args=(), device_types="cuda")
 def dwconv2d_weight_grad(x: Tensor, grad_out: Tensor, kernel_h: int, kernel_w: int, pad_h: int,
                          pad_w: int) -> Tensor:
-    return load_extension().weight_grad(x, grad_out, kernel_h, kernel_w, pad_h, pad_w)
+    return _weight_grad(load_extension(), x, grad_out, kernel_h, kernel_w, pad_h, pad_w)
 
 
 @dwconv2d_weight_grad.register_fake
 def _dwconv2d_weight_grad_fake(x, grad_out, kernel_h, kernel_w, pad_h, pad_w):
     return x.new_empty((x.shape[1], 1, kernel_h, kernel_w))
+
+
+# Each launch runs the formulation kernels/plan.py gives it (an index into plan.FORMULATIONS) on
+# the transposed views when the plan says so.
+def _forward(ops, x, weight, bias, pad_h, pad_w):
+    kernel = tuple(weight.shape[-2:])
+    algo, swap = plan.formulation("forward", x, kernel, (pad_h, pad_w))
+    return ops.forward(x, weight, bias, pad_h, pad_w, algo, swap)
+
+
+def _input_grad(ops, grad_out, weight, pad_h, pad_w):
+    kernel = tuple(weight.shape[-2:])
+    algo, swap = plan.formulation("input_grad", grad_out, kernel, (pad_h, pad_w))
+    return ops.input_grad(grad_out, weight, pad_h, pad_w, algo, swap)
+
+
+def _weight_grad(ops, x, grad_out, kernel_h, kernel_w, pad_h, pad_w):
+    algo, swap = plan.formulation("weight_grad", x, (kernel_h, kernel_w), (pad_h, pad_w))
+    return ops.weight_grad(x, grad_out, kernel_h, kernel_w, pad_h, pad_w, algo, swap)
 
 
 def _setup_context(ctx, inputs, output):
@@ -177,12 +187,13 @@ class _EagerDwconv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, pad_h, pad_w):
         _setup_context(ctx, (x, weight, bias, pad_h, pad_w), None)
-        return load_extension().forward(x, weight, bias, pad_h, pad_w)
+        return _forward(load_extension(), x, weight, bias, pad_h, pad_w)
 
     @staticmethod
     def backward(ctx, grad):
         ops = load_extension()
-        return _gradients(ctx, grad, ops.input_grad, ops.weight_grad)
+        return _gradients(ctx, grad, functools.partial(_input_grad, ops),
+                          functools.partial(_weight_grad, ops))
 
 
 def _pair(value) -> Tuple[int, int]:
@@ -203,13 +214,6 @@ def dilate_kernel(kernel: Tensor, dilation) -> Tensor:
     dense = kernel.new_zeros(*kernel.shape[:-2], dh * (kh - 1) + 1, dw * (kw - 1) + 1)
     dense[..., ::dh, ::dw] = kernel
     return dense
-
-
-def _use_subgrids(height: int, width: int) -> bool:
-    forced = os.environ.get("LKNETS_DWCONV_DILATION")
-    if forced in ("subgrids", "dense"):
-        return forced == "subgrids"
-    return height * width > 256
 
 
 def split_subgrids(x: Tensor, dilation: Tuple[int, int]) -> Tensor:
@@ -275,7 +279,7 @@ def depthwise_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                                           weight.shape[0])
     if (dh, dw) == (1, 1):
         return _undilated(x, weight, bias, pad_h, pad_w)
-    if _use_subgrids(x.shape[2], x.shape[3]):
+    if plan.dilation_mode((x.shape[2], x.shape[3])) == "subgrids":
         y = _undilated(split_subgrids(x, (dh, dw)), weight, bias, pad_h // dh, pad_w // dw)
         return merge_subgrids(y, (dh, dw), out_h, out_w)
     return _undilated(x, dilate_kernel(weight, (dh, dw)), bias, pad_h, pad_w)

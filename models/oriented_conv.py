@@ -6,7 +6,7 @@ reads the input at row offset ``trunc(-sin(theta) * k)`` and column offset ``tru
 both computed in float32 and truncated toward zero (so at 45 degrees several taps can land on the
 same pixel), with zero padding and stride ``st``: ``y[p, q] = sum_s w[s] x[p*st + dh_s, q*st + dw_s]``.
 
-Two implementations compute that sum; :func:`models.layers.oriented_kernel_runs` picks one.
+Two implementations compute that sum; kernels/plan.py (``oriented_runs_lknets``) picks one.
 On CUDA, lknets' oriented kernel (``kernels.oriented_conv1d``) gathers the S taps of every output
 in one launch for all channels, from tap offsets planned once per module. Elsewhere (CPU, or
 ``--lk_impl torch``), channels with the same tap pattern (upstream's angle groups are contiguous
@@ -25,7 +25,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import depthwise_conv2d, oriented_kernel_runs
+from kernels.plan import oriented_runs_lknets
+
+from .layers import depthwise_conv2d
 
 __all__ = ["OrientedConv1d", "oriented_conv1d", "tap_offsets", "channel_angles"]
 
@@ -108,7 +110,7 @@ def oriented_conv1d_planned(x: torch.Tensor, weight: torch.Tensor,
                             resid: bool, nhwc: bool) -> torch.Tensor:
     """The oriented conv of a planned theta (``positions`` and ``offsets`` from :func:`_plan`);
     no tensor data is read."""
-    if oriented_kernel_runs(x):
+    if oriented_runs_lknets(x):
         import kernels
         taps = weight.reshape(weight.shape[0], -1)
         taps = _with_identity(taps) if resid else taps

@@ -11,7 +11,7 @@ import torch.nn as nn
 from PIL import Image
 
 import models
-from models import layers
+from kernels import plan
 from tools import analyze_erf, visualize_erf
 from tools.analyze_erf import area_ratios, normalize
 from tools.visualize_erf import (build_erf_dataset, contribution_map, erf_matrix,
@@ -348,8 +348,7 @@ def test_analyze_bad_input_is_one_line_and_exit_2(array, extra, message, tmp_pat
 @pytest.mark.gpu
 def test_the_matrix_on_cuda_matches_the_cpu():
     # Every depthwise conv on lknets' CUDA kernel: the ERF reads its input gradient.
-    previous = layers.get_lk_impl()
-    layers.set_lk_impl("cuda")
+    previous = plan.configure(impl="cuda")
     try:
         torch.manual_seed(0)
         model = models.create_model("RepLKNet-31B", num_classes=10).eval().requires_grad_(False)
@@ -359,6 +358,6 @@ def test_the_matrix_on_cuda_matches_the_cpu():
         model.cuda()
         cuda, _ = erf_matrix(last_feature_map(model), (x.cuda() for x in images), 2)
     finally:
-        layers.set_lk_impl(previous)
+        plan.configure(impl=previous.impl)
     error = np.abs(cuda - cpu).max() / cpu.max()
     assert error < 5e-3, error  # 1e-3 measured on an H200 (10% with TF32 convolutions)

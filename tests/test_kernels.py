@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from kernels import _build
+from kernels import _build, plan
 from models import layers
 
 gpu = pytest.mark.gpu
@@ -62,7 +62,7 @@ def test_bad_arguments_raise_clear_errors():
     with pytest.raises(ValueError, match="within 1..63, got 65x3"):
         kernels.depthwise_conv2d(x, torch.randn(4, 1, 65, 3))
     with pytest.raises(ValueError, match="choose one of"):
-        layers.set_lk_impl("cutlass")
+        plan.set_lk_impl("cutlass")
 
 
 @pytest.mark.parametrize("shape,k,dilation,pad", [
@@ -130,20 +130,42 @@ def test_implicit_gemm_module_is_a_conv2d_drop_in():
 
 
 def test_dispatch_uses_torch_on_cpu_and_honours_legacy_env(monkeypatch):
-    monkeypatch.setattr(layers, "_lk_impl", None)
+    monkeypatch.setattr(plan, "_settings", None)
     monkeypatch.setenv("LARGE_KERNEL_CONV_IMPL", "/opt/cutlass/examples/19_large_depthwise_conv2d")
     with pytest.warns(UserWarning, match="LARGE_KERNEL_CONV_IMPL"):
-        assert layers.get_lk_impl() == "cuda"
+        assert plan.get_lk_impl() == "cuda"
     x, w = torch.randn(1, 3, 9, 9), torch.randn(3, 1, 7, 5)
     # CPU inputs never reach the extension, whatever the choice.
     torch.testing.assert_close(layers.depthwise_conv2d(x, w), F.conv2d(x, w, None, 1, (3, 2), 1, 3))
-    monkeypatch.setattr(layers, "_lk_impl", None)
+    monkeypatch.setattr(plan, "_settings", None)
     monkeypatch.delenv("LARGE_KERNEL_CONV_IMPL")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert layers.get_lk_impl() == "auto"
-    layers.set_lk_impl("torch")
-    assert layers.get_lk_impl() == "torch"
+        assert plan.get_lk_impl() == "auto"
+    plan.set_lk_impl("torch")
+    assert plan.get_lk_impl() == "torch"
+
+
+def test_settings_are_read_once_and_restored(monkeypatch):
+    monkeypatch.setattr(plan, "_settings", None)
+    monkeypatch.setenv("LKNETS_DWCONV_ALGO", "rows")
+    monkeypatch.setenv("LKNETS_DWCONV_DILATION", "dense")
+    assert plan.settings().forced_for("weight_grad") == "rows"
+    monkeypatch.setenv("LKNETS_DWCONV_ALGO", "small")  # read once: no effect now
+    assert plan.settings().forced_for("forward") == "rows"
+    with plan.using(formulation="auto", weight_grad="direct", dilation="subgrids"):
+        assert plan.settings().forced == (("weight_grad", "direct"),)
+        assert plan.dilation_mode((56, 56)) == "subgrids"
+    assert plan.settings().forced_for("input_grad") == "rows"
+    assert plan.dilation_mode((7, 7)) == "dense"
+    monkeypatch.setattr(plan, "_settings", None)
+    monkeypatch.setenv("LKNETS_DWCONV_ALGO", "gemm")
+    with pytest.raises(ValueError, match="cannot force formulation 'gemm'"):
+        plan.settings()
+    monkeypatch.delenv("LKNETS_DWCONV_ALGO")
+    monkeypatch.setattr(plan, "_settings", None)
+    with pytest.raises(ValueError, match="unknown dilation mode 'sparse'"):
+        plan.configure(dilation="sparse")
 
 
 @pytest.mark.parametrize("dtype,k,layout,size,expected", [
@@ -163,9 +185,10 @@ def test_dispatch_uses_torch_on_cpu_and_honours_legacy_env(monkeypatch):
     (torch.bfloat16, 13, "channels_last", 14, True),
 ])
 def test_auto_dispatch_rule(dtype, k, layout, size, expected):
-    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    x = torch.empty(2, 8, size, size, dtype=dtype).contiguous(memory_format=fmt)
-    assert layers._kernel_wins(x, k, k) is expected
+    cl = layout == "channels_last"
+    assert plan.lknets_wins(dtype, (k, k), (1, 1), (size, size), cl, not cl, False) is expected
+    assert (plan.plan_conv((2, 8, size, size), (k, k), dtype, cl).impl == "lknets") is expected
+    assert plan.plan_conv((2, 8, size, size), (k, k), dtype, cl, on_cuda=False).impl == "torch"
 
 
 @pytest.mark.parametrize("layout,size,k,dilation,expected", [
@@ -176,13 +199,86 @@ def test_auto_dispatch_rule(dtype, k, layout, size, expected):
     ("channels_last", 28, 3, 3, True),   # cuDNN's channels_last dilated convs are slow
     ("nchw", 14, 3, 5, True),            # dense zero-filled kernel on the small-plane GEMM
 ])
-def test_dilated_dispatch_rule(layout, size, k, dilation, expected, monkeypatch):
-    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    x = torch.empty(2, 8, size, size, dtype=torch.bfloat16).contiguous(memory_format=fmt)
+def test_dilated_dispatch_rule(layout, size, k, dilation, expected):
+    cl = layout == "channels_last"
+    args = (torch.bfloat16, (k, k), (dilation, dilation), (size, size), cl, not cl)
     # Eagerly the extra copies cost more host time than the kernel saves: always torch.
-    assert layers._kernel_wins(x, k, k, (dilation, dilation)) is False
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert layers._kernel_wins(x, k, k, (dilation, dilation)) is expected
+    assert plan.lknets_wins(*args, compiling=False) is False
+    assert plan.lknets_wins(*args, compiling=True) is expected
+
+
+# What runs for the large kernels of each family (batch 64, 'same' padding): the plan as a table
+# a reader can check against kernels/plan.py's rules.
+@pytest.mark.parametrize("shape,k,dtype,layout,dilation,expected", [
+    ((64, 128, 56, 56), (31, 31), torch.bfloat16, "nchw", (1, 1), "lknets rows/rows/rows"),
+    ((64, 256, 28, 28), (29, 29), torch.float32, "nchw", (1, 1), "lknets mid/mid/mid"),
+    ((64, 512, 14, 14), (27, 27), torch.bfloat16, "nchw", (1, 1), "lknets small/small/small"),
+    ((64, 1024, 7, 7), (13, 13), torch.bfloat16, "nchw", (1, 1), "lknets plane/plane/plane"),
+    ((64, 1024, 7, 7), (13, 13), torch.float32, "channels_last", (1, 1),
+     "lknets small/small/small"),
+    ((64, 96, 56, 56), (51, 5), torch.bfloat16, "nchw", (1, 1), "lknets rows/rows/rows (transposed)"),
+    ((64, 384, 14, 14), (47, 5), torch.bfloat16, "nchw", (1, 1), "lknets small/small/small"),
+    ((64, 384, 14, 14), (47, 5), torch.bfloat16, "channels_last", (1, 1),
+     "lknets small/small/small (transposed)"),
+    ((64, 96, 56, 56), (31, 1), torch.float32, "nchw", (1, 1), "lknets rows/rows/rows (transposed)"),
+    ((64, 80, 56, 56), (5, 5), torch.float16, "nchw", (1, 1), "torch"),
+    ((64, 80, 56, 56), (7, 7), torch.bfloat16, "channels_last", (1, 1), "torch"),
+    ((64, 160, 28, 28), (7, 7), torch.float32, "nchw", (2, 2), "torch"),  # eager: torch
+])
+def test_plan_of_family_shapes(shape, k, dtype, layout, dilation, expected):
+    got = plan.plan_conv(shape, k, dtype, layout == "channels_last", dilation)
+    assert str(got) == expected
+
+
+def test_plan_of_dilated_branches_under_compile():
+    compiled = plan.plan_conv((64, 160, 28, 28), (7, 7), torch.bfloat16, dilation=(2, 2),
+                              compiling=True)
+    assert compiled == plan.ConvPlan("lknets", "subgrids", False, "small", "small", "small")
+    dense = plan.plan_conv((64, 320, 14, 14), (3, 3), torch.bfloat16, dilation=(5, 5),
+                           compiling=True)
+    assert str(dense) == "lknets small/small/small (dense)"
+    with plan.using(impl="torch"):
+        assert plan.plan_conv((64, 160, 28, 28), (7, 7), torch.bfloat16, dilation=(2, 2),
+                              compiling=True).impl == "torch"
+    with plan.using(impl="cuda"):
+        assert plan.plan_conv((64, 80, 56, 56), (5, 5), torch.float16).impl == "lknets"
+        assert plan.plan_conv((64, 80, 56, 56), (5, 5), torch.float16,
+                              extension=False).impl == "torch"
+
+
+def test_forcing_a_formulation_that_cannot_take_the_shape_is_an_error():
+    with plan.using(formulation="mid"):
+        # fp32 28x28: the mid-plane GEMM takes every direction
+        assert str(plan.plan_conv((8, 4, 28, 28), (13, 13), torch.float32)) == "lknets mid/mid/mid"
+        with pytest.raises(ValueError, match="forced formulation 'mid' cannot take the forward"):
+            plan.plan_conv((8, 4, 28, 28), (13, 13), torch.bfloat16)  # fp32 only
+    with plan.using(forward="plane"), pytest.raises(ValueError, match="'plane' cannot take"):
+        plan.plan_conv((8, 4, 14, 14), (13, 13), torch.bfloat16)  # over 64 pixels
+    with plan.using(weight_grad="plane"):
+        got = plan.plan_conv((8, 4, 8, 8), (13, 13), torch.float32, channels_last=True)
+    assert (got.forward, got.weight_grad) == ("small", "plane")
+
+
+def test_formulations_are_numbered_as_the_extension_numbers_them():
+    header = open(os.path.join(_build.CSRC, "dwconv.h")).read()
+    enum = header[header.index("enum class Formulation"):].split("}")[0]
+    names = [part.split("=")[0].strip()[1:].lower() for part in enum.split("{")[1].split(",")]
+    numbers = [int(part.split("=")[1]) for part in enum.split("{")[1].split(",")]
+    assert names == list(plan.FORMULATIONS) and numbers == list(range(len(names)))
+
+
+def test_show_plan_prints_every_depthwise_conv_of_a_model(capsys):
+    from tools import show_plan
+    show_plan.main(["--model", "RepLKNet-31B", "--input_size", "64", "--dtype", "fp32"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| (")]
+    # The stem's 3x3, then 31x31/29x29/27x27/13x13 and their 5x5 branches at the four stages.
+    assert len(rows) == 9 and all("lknets" in row for row in rows)
+    assert rows[1] == "| (128, 16, 16) | 31x31 | dilation 1 | 2 | lknets small/small/small |"
+    assert rows[6].endswith("| 18 | lknets plane/plane/plane |")
+    show_plan.main(["--model", "convnext_tiny", "--variant", "1d", "--input_size", "64",
+                    "--lk_impl", "torch"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| (")]
+    assert rows[0] == "| (64, 64, 64) | oriented 1x31 | stride 2 | 1 | torch (sparse 2D) |"
 
 
 # Builds models and runs them on the CPU after importing kernels, recording every attempt to
@@ -303,8 +399,8 @@ def test_all_directions_match_float64(shape, k, dtype):
     _check_all_directions(shape, k, dtype, "nchw")
 
 
-# Shapes around the formulation boundaries (LKNETS_DWCONV_ALGO forces one where it takes the shape,
-# else the row-Toeplitz GEMM runs). The plane GEMM (default up to 8x8) takes planes of up to 64
+# Shapes around the formulation boundaries (each test forces a formulation in the directions whose
+# launch it takes, kernels/plan.py; the extension runs exactly that). The plane GEMM (default up to 8x8) takes planes of up to 64
 # pixels in blocks of 64 images; contiguous planes whose image stride is a multiple of 16 bytes
 # are staged with 16-byte copies from the 16-byte boundary before each plane (the shift differs per
 # channel), others element by element; the small-plane GEMM (default up to 16x16) on planes of up
@@ -344,6 +440,56 @@ ALGO_SHAPES = [
 ]
 
 
+def _strides(shape, layout):
+    n, c, h, w = shape
+    if layout == "channels_last":
+        return (c * h * w, 1, w * c, c)
+    if layout == "noncontig":  # _make's view of a (h + 3) x (w + 5) plane
+        return (c * (h + 3) * (w + 5), (h + 3) * (w + 5), w + 5, 1)
+    return (c * h * w, h * w, w, 1)
+
+
+def _forcing(algo, shape, k, dtype, layout="nchw", pad=None):
+    """direction -> ``algo`` for each direction whose launch ``algo`` takes (the output
+    gradient in the input's layout, as _check_all_directions makes it)."""
+    pad = (k[0] // 2, k[1] // 2) if pad is None else pad
+    out = (shape[0], shape[1], shape[2] + 2 * pad[0] - k[0] + 1, shape[3] + 2 * pad[1] - k[1] + 1)
+    forcing = {}
+    for direction in plan.DIRECTIONS:
+        src = out if direction == "input_grad" else shape
+        launch, _ = plan.launch_of(direction, src, _strides(src, layout), k, pad)
+        if plan.supports(algo, direction, dtype, launch):
+            forcing[direction] = algo
+    return forcing
+
+
+def _forced_cases(cases, algos, dtypes, layout="nchw"):
+    """pytest params (case..., dtype, forcing) for every formulation that takes at least one
+    direction of the case, with the forced directions in the id."""
+    params = []
+    for case in cases:
+        shape, k = case[0], case[1]
+        for dtype in dtypes:
+            for algo in algos:
+                forcing = _forcing(algo, shape, k, dtype, layout)
+                if forcing:
+                    short = "".join(d[0] for d in forcing)  # f, i, w
+                    params.append(pytest.param(*case, dtype, forcing, id=(
+                        f"{shape}-{k[0]}x{k[1]}-{str(dtype)[6:]}-{algo}:{short}")))
+    return params
+
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _ran(forcing, shape, k, dtype, layout="nchw"):
+    """Assert that the plan of the conv runs each forced formulation."""
+    with plan.using(impl="cuda"):  # as kernels.depthwise_conv2d: lknets' kernel whatever wins
+        got = plan.plan_conv(shape, k, dtype, layout == "channels_last")
+    for direction, algo in forcing.items():
+        assert getattr(got, direction) == algo, (direction, got)
+
+
 DILATED = [
     ((3, 7, 28, 28), (7, 7), (2, 2)),    # UniRepLKNet's branches at stage 2 to 4
     ((3, 7, 14, 14), (3, 3), (5, 5)),
@@ -360,41 +506,55 @@ DILATED = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
                          ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("how", ["subgrids", "dense"])
-def test_dilated_convs_match_float64(shape, k, dilation, layout, dtype, how, monkeypatch):
-    monkeypatch.setenv("LKNETS_DWCONV_DILATION", how)
+def test_dilated_convs_match_float64(shape, k, dilation, layout, dtype, how):
     torch.manual_seed(hash((shape, k, dilation)) % 1000)
-    _check_all_directions(shape, k, dtype, layout, dilation=dilation)
+    with plan.using(dilation=how):
+        _check_all_directions(shape, k, dtype, layout, dilation=dilation)
 
 
 @gpu
-@pytest.mark.parametrize("algo", ["direct", "gemm", "rows", "small", "mid"])
-@pytest.mark.parametrize("shape,k", ALGO_SHAPES, ids=[f"{s}-{k[0]}x{k[1]}" for s, k in ALGO_SHAPES])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
-                         ids=["fp32", "fp16", "bf16"])
-def test_both_formulations_match_float64(shape, k, dtype, algo, monkeypatch):
-    monkeypatch.setenv("LKNETS_DWCONV_ALGO", algo)
+@pytest.mark.parametrize("shape,k,dtype,forcing",
+                         _forced_cases(ALGO_SHAPES, plan.FORMULATIONS, DTYPES))
+def test_every_formulation_matches_float64(shape, k, dtype, forcing):
     torch.manual_seed(hash((shape, k)) % 1000)
-    _check_all_directions(shape, k, dtype, "nchw")
+    with plan.using(**forcing):
+        _ran(forcing, shape, k, dtype)
+        _check_all_directions(shape, k, dtype, "nchw")
+
+
+def test_forced_cases_cover_every_formulation_and_direction():
+    covered = {(p.values[3][d], d) for p in _forced_cases(ALGO_SHAPES, plan.FORMULATIONS, DTYPES)
+               for d in p.values[3]}
+    assert covered == {(a, d) for a in plan.FORMULATIONS for d in plan.DIRECTIONS}
+
+
+LAYOUT_SHAPES = [((4, 6, 14, 13), (13, 13)), ((4, 8, 7, 7), (13, 13)), ((3, 5, 22, 19), (13, 13)),
+                 ((3, 4, 20, 44), (13, 13))]
 
 
 @gpu
-@pytest.mark.parametrize("shape", [(4, 6, 14, 13), (4, 8, 7, 7), (3, 5, 22, 19), (3, 4, 20, 44)])
 @pytest.mark.parametrize("layout", ["channels_last", "noncontig"])
-@pytest.mark.parametrize("algo", ["direct", "gemm", "rows", "small", "mid"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_both_formulations_read_any_layout(shape, layout, algo, dtype, monkeypatch):
-    monkeypatch.setenv("LKNETS_DWCONV_ALGO", algo)
-    _check_all_directions(shape, (13, 13), dtype, layout)
+@pytest.mark.parametrize("shape,k,dtype,forcing", _forced_cases(
+    LAYOUT_SHAPES, plan.FORMULATIONS, [torch.float32, torch.bfloat16]))
+def test_every_formulation_reads_any_layout(shape, k, dtype, forcing, layout):
+    forcing = {d: a for d, a in forcing.items()
+               if d in _forcing(a, shape, k, dtype, layout)}
+    with plan.using(**forcing):
+        _check_all_directions(shape, k, dtype, layout)
 
 
 @gpu
-@pytest.mark.parametrize("algo", ["direct", "gemm", "rows", "small"])
+@pytest.mark.parametrize("algo", ["direct", "plane", "rows", "small"])
 @pytest.mark.parametrize("k", [(13, 13), (13, 5)], ids=["13x13", "13x5"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_weight_is_read_through_its_strides(k, algo, dtype, monkeypatch):
+def test_weight_is_read_through_its_strides(k, algo, dtype):
     # The kernels read the weight in place (the input gradient's rotation and the tall kernels'
     # transposed view are strides), so a strided view of a larger tensor must work as given.
-    monkeypatch.setenv("LKNETS_DWCONV_ALGO", algo)
+    with plan.using(formulation=algo):
+        _weight_views_work(k, dtype)
+
+
+def _weight_views_work(k, dtype):
     kh, kw = k
     x = torch.randn(3, 8, 7, 7, device="cuda", dtype=dtype, requires_grad=True)
     w = (torch.randn(8, 1, kh + 2, kw + 4, device="cuda") / 13).to(dtype)
@@ -409,12 +569,16 @@ def test_weight_is_read_through_its_strides(k, algo, dtype, monkeypatch):
 
 
 @gpu
-@pytest.mark.parametrize("algo", ["gemm", "small"])
+@pytest.mark.parametrize("algo", ["plane", "small"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_neighbouring_planes_do_not_leak(algo, dtype, monkeypatch):
+def test_neighbouring_planes_do_not_leak(algo, dtype):
     # The plane GEMM's 16-byte staging copies parts of the neighbouring channels' planes along;
     # an inf there must not turn this channel's outputs or weight gradient into NaN.
-    monkeypatch.setenv("LKNETS_DWCONV_ALGO", algo)
+    with plan.using(formulation=algo):
+        _neighbours_stay_finite(dtype)
+
+
+def _neighbours_stay_finite(dtype):
     x = torch.randn(3, 8, 7, 7, device="cuda", dtype=dtype)
     w = torch.randn(8, 1, 13, 13, device="cuda", dtype=dtype) / 13
     x[:, 3] = float("inf")
@@ -428,26 +592,36 @@ def test_neighbouring_planes_do_not_leak(algo, dtype, monkeypatch):
     assert _rel(dw[keep], dw_ref) < TOL[dtype]
 
 
+def _padding_cases():
+    # small: planes of <= 16x16; mid (fp32): with padding 0 an input of 21 and an output of 15
+    # columns; each formulation forced in the directions whose launch it takes.
+    params = []
+    for algo, shape in (("rows", (2, 5, 17, 15)), ("small", (2, 5, 9, 8)),
+                        ("mid", (2, 5, 17, 21))):
+        for pad in ((0, 0), (2, 7), (9, 9)):
+            for dtype in (torch.float16, torch.float32):
+                forcing = _forcing(algo, shape, (7, 7), dtype, pad=pad)
+                if forcing:
+                    params.append(pytest.param(shape, pad, dtype, forcing, id=(
+                        f"{algo}:{''.join(d[0] for d in forcing)}-pad{pad[0]}x{pad[1]}-"
+                        f"{str(dtype)[6:]}")))
+    return params
+
+
 @gpu
-@pytest.mark.parametrize("algo", ["gemm", "rows", "small", "mid"])
-@pytest.mark.parametrize("pad", [(0, 0), (2, 7), (9, 9)])
-def test_tensor_core_explicit_padding(pad, algo, monkeypatch):
-    monkeypatch.setenv("LKNETS_DWCONV_ALGO", algo)
-    # small: planes of <= 16x16; mid: 17 to 32 columns (fp32 only, 16-bit runs the row-Toeplitz
-    # GEMM), with padding 0 an input of 21 and an output of 15 columns.
-    shape = {"small": (2, 5, 9, 8), "mid": (2, 5, 17, 21)}.get(algo, (2, 5, 17, 15))
-    _check_all_directions(shape, (7, 7), torch.float16, "nchw", pad=pad, bias=False)
-    # fp32: 3xTF32 (forced gemm on these planes of over 64 pixels: the row-Toeplitz GEMM)
-    _check_all_directions(shape, (7, 7), torch.float32, "nchw", pad=pad, bias=False)
+@pytest.mark.parametrize("shape,pad,dtype,forcing", _padding_cases())
+def test_tensor_core_explicit_padding(shape, pad, dtype, forcing):
+    with plan.using(**forcing):
+        _check_all_directions(shape, (7, 7), dtype, "nchw", pad=pad, bias=False)
 
 
 @gpu
 @pytest.mark.parametrize("pad", [(0, 0), (1, 3), (4, 2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_plane_gemm_explicit_padding(pad, dtype, monkeypatch):
+def test_plane_gemm_explicit_padding(pad, dtype):
     # Output planes of 2, 24 and 54 pixels; the input gradient runs with padding 4 - pad.
-    monkeypatch.setenv("LKNETS_DWCONV_ALGO", "gemm")
-    _check_all_directions((3, 8, 5, 6), (5, 5), dtype, "nchw", pad=pad, bias=False)
+    with plan.using(formulation="plane"):
+        _check_all_directions((3, 8, 5, 6), (5, 5), dtype, "nchw", pad=pad, bias=False)
 
 
 @gpu
@@ -460,9 +634,9 @@ def test_layouts_match_float64(layout, k, dtype):
 
 @gpu
 @pytest.mark.parametrize("pad", [(0, 0), (2, 7), (9, 9)])
-def test_explicit_padding(pad, monkeypatch):
-    monkeypatch.setenv("LKNETS_DWCONV_ALGO", "direct")
-    _check_all_directions((2, 5, 17, 15), (7, 7), torch.float32, "nchw", pad=pad, bias=False)
+def test_explicit_padding(pad):
+    with plan.using(formulation="direct"):
+        _check_all_directions((2, 5, 17, 15), (7, 7), torch.float32, "nchw", pad=pad, bias=False)
 
 
 @gpu
@@ -473,13 +647,17 @@ def test_explicit_padding(pad, monkeypatch):
                                                (56, 31, torch.float32, "auto"),   # 3xTF32 rows
                                                (28, 29, torch.float32, "direct")],
                          ids=["rows", "small", "small-fp32", "mid-fp32", "rows-fp32", "direct"])
-def test_weight_grad_is_deterministic(size, k, dtype, algo, monkeypatch):
-    monkeypatch.setenv("LKNETS_DWCONV_ALGO", algo)
-    x = torch.randn(80, 32, size, size, device="cuda", dtype=dtype)
-    dy = torch.randn_like(x)
-    first = torch.ops.lknets.dwconv2d_weight_grad(x, dy, k, k, k // 2, k // 2)
-    for _ in range(3):
-        assert torch.equal(torch.ops.lknets.dwconv2d_weight_grad(x, dy, k, k, k // 2, k // 2), first)
+def test_weight_grad_is_deterministic(size, k, dtype, algo, request):
+    expected = {"rows": "rows", "small": "small", "small-fp32": "small", "mid-fp32": "mid",
+                "rows-fp32": "rows", "direct": "direct"}[request.node.callspec.id]
+    with plan.using(formulation=algo):
+        assert plan.plan_conv((80, 32, size, size), (k, k), dtype).weight_grad == expected
+        x = torch.randn(80, 32, size, size, device="cuda", dtype=dtype)
+        dy = torch.randn_like(x)
+        first = torch.ops.lknets.dwconv2d_weight_grad(x, dy, k, k, k // 2, k // 2)
+        for _ in range(3):
+            again = torch.ops.lknets.dwconv2d_weight_grad(x, dy, k, k, k // 2, k // 2)
+            assert torch.equal(again, first)
 
 
 @gpu
@@ -490,7 +668,45 @@ def test_extension_rejects_unsupported_dtypes():
     with pytest.raises(RuntimeError, match="dtype Double is not supported"):
         double = dict(device="cuda", dtype=torch.float64)
         kernels.load_extension().forward(torch.randn(1, 2, 5, 5, **double),
-                                         torch.randn(2, 1, 3, 3, **double), None, 1, 1)
+                                         torch.randn(2, 1, 3, 3, **double), None, 1, 1, 0, False)
+
+
+@gpu
+def test_extension_refuses_a_formulation_that_cannot_take_the_shape():
+    x = torch.randn(2, 4, 20, 20, device="cuda")
+    w = torch.randn(4, 1, 5, 5, device="cuda")
+    plane = plan.FORMULATIONS.index("plane")  # planes of up to 64 pixels
+    with pytest.raises(RuntimeError, match="planned formulation cannot take this shape"):
+        kernels.load_extension().forward(x, w, None, 2, 2, plane, False)
+    with pytest.raises(RuntimeError, match="planned formulation cannot take this shape"):
+        kernels.load_extension().weight_grad(x, x, 5, 5, 2, 2, plane, False)
+
+
+@pytest.mark.skipif(not kernels.is_built(), reason="needs the built extension (make test builds it)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16],
+                         ids=["fp32", "fp16", "bf16"])
+def test_plan_mirrors_what_the_extension_supports(dtype):
+    # plan.supports mirrors the kernels' own limits (shared memory, columns, band reach): every
+    # formulation, both kinds of launch, over planes, kernels and paddings across the boundaries.
+    # The extension's answer needs no GPU (it is computed on meta tensors).
+    ops = kernels.load_extension(jit=False)
+    checked = 0
+    for h in (1, 7, 8, 9, 16, 17, 24, 31, 32, 33, 48, 64, 65, 96):
+        for w in (1, 8, 15, 16, 17, 21, 32, 33, 40, 56, 64, 65):
+            for kh, kw in ((3, 3), (13, 13), (31, 31), (63, 63), (5, 51), (51, 5), (1, 31)):
+                for ph, pw in ((kh // 2, kw // 2), (0, 0), (kh - 1, kw - 1), (kh + 2, kw + 3)):
+                    ho, wo = h + 2 * ph - kh + 1, w + 2 * pw - kw + 1
+                    if ho < 1 or wo < 1:
+                        continue
+                    launch = plan.Launch(4, 3, h, w, ho, wo, kh, kw, ph, pw, (3 * h * w, h * w, w, 1))
+                    for index, name in enumerate(plan.FORMULATIONS):
+                        for direction in ("forward", "weight_grad"):
+                            ours = plan.supports(name, direction, dtype, launch)
+                            theirs = ops.supports(index, direction == "weight_grad", dtype,
+                                                  [4, 3, h, w, ho, wo, kh, kw, ph, pw])
+                            assert ours == theirs, (name, direction, launch)
+                            checked += 1
+    assert checked > 10000
 
 
 @gpu
@@ -511,7 +727,7 @@ def test_autocast_casts_to_the_autocast_dtype():
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_torch_compile_has_no_graph_break(backend):
     conv = layers.DepthwiseConv2d(8, 31, bias=True).cuda()
-    layers.set_lk_impl("cuda")
+    previous = plan.configure(impl="cuda")
     try:
         def step(x):
             return (conv(x) * 2).sum()
@@ -525,7 +741,7 @@ def test_torch_compile_has_no_graph_break(backend):
         step(x).backward()
         torch.testing.assert_close(gx, x.grad)
     finally:
-        layers.set_lk_impl("auto")
+        plan.configure(impl=previous.impl)
 
 
 @gpu
@@ -570,7 +786,7 @@ def test_cuda_graph_capture_and_replay():
 
 
 def _model_run(model, x, impl):
-    layers.set_lk_impl(impl)
+    plan.set_lk_impl(impl)
     model.to(x.dtype).zero_grad(set_to_none=True)
     torch.manual_seed(1)
     out = model(x)
@@ -608,7 +824,7 @@ def _model_case(name, size):
     ref = _model_run(model, x.double(), "torch")
     torch_errs = _model_errors(_model_run(model, x, "torch"), ref)
     ours_errs = _model_errors(_model_run(model, x, "cuda"), ref)
-    layers.set_lk_impl("auto")
+    plan.set_lk_impl("auto")
     model.float()
     for ours, theirs in zip(ours_errs, torch_errs):
         assert ours <= 2 * theirs + 1e-6, (ours_errs, torch_errs)

@@ -176,9 +176,8 @@ def _run(conv, x, impl):
     """Output, input / weight / bias gradients of ``conv(x)`` with ``--lk_impl impl``, and how
     many times lknets' oriented kernel ran."""
     import kernels
-    from models import layers
-    previous = layers.get_lk_impl()
-    layers.set_lk_impl(impl)
+    from kernels import plan
+    previous = plan.configure(impl=impl)
     try:
         x = x.detach().requires_grad_()
         conv.zero_grad()
@@ -188,7 +187,7 @@ def _run(conv, x, impl):
         y.backward(seed.to(y.dtype).reshape(y.shape))
         return y.detach(), x.grad, conv.weight.grad.clone(), conv.bias.grad.clone(), op.call_count
     finally:
-        layers.set_lk_impl(previous)
+        plan.configure(impl=previous.impl)
 
 
 @pytest.mark.gpu

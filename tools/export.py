@@ -25,7 +25,7 @@ loaded, before re-parameterization, within ``--tolerance`` (max abs error / max 
 file that fails it is not written, and the tool exits 2 with one line.
 
 What runs where: export and checks run on the CPU in float32, with large-kernel depthwise convs
-on torch's implementation (``set_lk_impl('torch')``). lknets' CUDA depthwise kernel is a torch
+on torch's implementation (``kernels.plan.using(impl='torch')``). lknets' CUDA depthwise kernel is a torch
 custom op that the models call only for CUDA inputs, so it never enters an exported graph: ONNX
 gets plain ``Conv`` nodes (group = channels) and the .pt2 plain ``aten.conv2d``, which any
 runtime and device run.
@@ -59,7 +59,8 @@ if ROOT not in sys.path:
 
 import models  # noqa: E402
 import utils  # noqa: E402
-from models.layers import DepthwiseConv2d, get_lk_impl, set_lk_impl  # noqa: E402
+from kernels.plan import using  # noqa: E402
+from models.layers import DepthwiseConv2d  # noqa: E402
 from utils import UserError  # noqa: E402
 
 FORMATS = ("onnx", "torch_export")
@@ -352,17 +353,6 @@ def deploy_form(model: nn.Module) -> Tuple[nn.Module, int]:
 
 
 @contextlib.contextmanager
-def _torch_convs() -> Iterator[None]:
-    """Large-kernel convs on torch's F.conv2d while exporting, whatever the process chose."""
-    previous = get_lk_impl()
-    set_lk_impl("torch")
-    try:
-        yield
-    finally:
-        set_lk_impl(previous)
-
-
-@contextlib.contextmanager
 def _staged(output: str) -> Iterator[str]:
     """A path in a fresh folder next to ``output``; its files replace those in output's folder
     only when the block succeeds (an exporter may add an external-data file beside it)."""
@@ -466,7 +456,7 @@ def export_model(model: nn.Module, fmt: str, input_size: int, output: str,
     generator = torch.Generator().manual_seed(seed)
     inputs = [torch.randn(b, 3, input_size, input_size, generator=generator)
               for b in CHECK_BATCHES]
-    with _torch_convs(), torch.no_grad():
+    with using(impl="torch"), torch.no_grad():
         try:
             references = [model(x) for x in inputs]
         except RuntimeError as err:
@@ -475,7 +465,7 @@ def export_model(model: nn.Module, fmt: str, input_size: int, output: str,
         deploy, folded = deploy_form(model)
         _check_tolerance("the re-parameterized, BatchNorm-folded model",
                          _errors([deploy(x) for x in inputs], references), tolerance)
-    with _torch_convs(), _staged(output) as path:
+    with using(impl="torch"), _staged(output) as path:
         if fmt == "onnx":
             nodes, batchnorms, outputs, skipped = _export_onnx(deploy, inputs[0], path, opset,
                                                                inputs)

@@ -32,21 +32,28 @@ struct Filter {
   const void* bias;
 };
 
+// The formulations, numbered as FORMULATIONS in kernels/plan.py, which decides which one each
+// launch runs (the direct CUDA-core kernels, and the plane, small-plane, mid-plane and
+// row-Toeplitz tensor-core GEMMs). `supports` says whether one can take a shape (plan.py mirrors
+// it; tests assert they agree); ops.cpp refuses a launch whose formulation does not take it.
+enum class Formulation : int { kDirect = 0, kPlane = 1, kSmall = 2, kMid = 3, kRows = 4 };
+constexpr int kNumFormulations = 5;
+bool supports(Formulation f, bool weight_grad, DType dtype, const ConvShape& shape);
+
 // y = x (*) filter + bias.
-cudaError_t launch_forward(DType dtype, const void* x, const Filter& filter, void* y,
-                           const ConvShape& shape, cudaStream_t stream);
+cudaError_t launch_forward(Formulation f, DType dtype, const void* x, const Filter& filter,
+                           void* y, const ConvShape& shape, cudaStream_t stream);
 
 // Weight gradient dw[c, i, j] = sum over n, oy, ox of dy[n, c, oy, ox] * x[n, c, oy + i - ph, ox + j - pw].
 // `in` of the shape is x, `out` is dy. It runs in two deterministic passes: per-block partial sums
 // into `workspace` (fp32, weight_grad_workspace_floats() elements), then a fixed-order reduction
 // into `grad_weight` (contiguous (C, kh, kw), of `dtype`). The GEMM path needs no workspace.
-int64_t weight_grad_workspace_floats(DType dtype, const ConvShape& shape);
-cudaError_t launch_weight_grad(DType dtype, const void* x, const void* grad_out, float* workspace,
-                               void* grad_weight, const ConvShape& shape, cudaStream_t stream);
+int64_t weight_grad_workspace_floats(Formulation f, DType dtype, const ConvShape& shape);
+cudaError_t launch_weight_grad(Formulation f, DType dtype, const void* x, const void* grad_out,
+                               float* workspace, void* grad_weight, const ConvShape& shape,
+                               cudaStream_t stream);
 
-// Plane GEMM, tensor cores, every dtype (dwconv_gemm.cu; fp32 as 3xTF32). launch_forward and
-// launch_weight_grad choose among it and the two GEMMs below by shape (the direct kernels only
-// when forced).
+// Plane GEMM, tensor cores, every dtype (dwconv_gemm.cu; fp32 as 3xTF32).
 bool gemm_forward_supported(const ConvShape& shape);
 bool gemm_weight_grad_supported(const ConvShape& shape);
 cudaError_t launch_forward_gemm(DType dtype, const void* x, const Filter& filter, void* y,

@@ -18,8 +18,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
-#include <cstring>
 
 namespace lknets {
 namespace {
@@ -380,68 +378,30 @@ cudaError_t weight_grad_typed(const void* x, const void* dy, float* workspace, v
                                 int64_t(s.C) * s.kh * s.kw, dw, stream);
 }
 
-enum class Algo { kAuto, kDirect, kGemm, kRows, kSmall, kMid };
-
-// LKNETS_DWCONV_ALGO=direct|gemm|rows|small|mid forces one formulation where it applies
-// (benchmarks, tests); unset or anything else: by shape.
-Algo forced_algo() {
-  const char* v = std::getenv("LKNETS_DWCONV_ALGO");
-  if (v == nullptr) return Algo::kAuto;
-  if (std::strcmp(v, "direct") == 0) return Algo::kDirect;
-  if (std::strcmp(v, "gemm") == 0) return Algo::kGemm;
-  if (std::strcmp(v, "rows") == 0) return Algo::kRows;
-  if (std::strcmp(v, "small") == 0) return Algo::kSmall;
-  if (std::strcmp(v, "mid") == 0) return Algo::kMid;
-  return Algo::kAuto;
-}
-
-// Where each formulation measured fastest (H100, kernels/DESIGN.md): the plane GEMM for planes
-// of up to 64 pixels, the small-plane GEMM up to 16x16, the row-Toeplitz GEMM beyond (fp32 on all
-// three as 3xTF32), except that fp32 runs the mid-plane GEMM where it takes the shape (forward 17
-// to 64 columns, weight gradient 17 to 32): RepLKNet-31B f+b stage 1 5.36 -> 3.73 ms, stage 2
-// 2.27 -> 1.00; channels_last forward at 28x28 0.92 -> 0.50 ms, weight gradient 1.18 -> 0.50. Not
-// on the H/W-transposed views of NCHW planes (tall kernels, ops.cpp), whose rows it would stage
-// element by element down their columns: the row-Toeplitz GEMM reads them in vectors (forward,
-// 31x1 at 56x56, 0.186 against 0.636 ms). fp32 planes of up to 64 pixels whose rows are strided
-// (channels_last) stay on the small-plane GEMM, which stages them faster than the plane GEMM
-// (RepLKNet-31B stage 4 f+b 0.258 vs 0.315 ms). The direct kernels only run when forced. A forced
-// formulation that does not take the shape falls back to the row-Toeplitz GEMM, which takes every
-// shape.
-Algo choose(DType dtype, const ConvShape& s, bool plane_gemm_supported, bool mid_supported) {
-  const bool small = small_supported(s);
-  const bool mid = dtype == DType::kFloat32 && mid_supported;
-  switch (forced_algo()) {
-    case Algo::kDirect: return Algo::kDirect;
-    case Algo::kGemm: return plane_gemm_supported ? Algo::kGemm : Algo::kRows;
-    case Algo::kSmall: return small ? Algo::kSmall : Algo::kRows;
-    case Algo::kRows: return Algo::kRows;
-    case Algo::kMid: return mid ? Algo::kMid : Algo::kRows;
-    default: break;
-  }
-  const bool rows_strided = dtype == DType::kFloat32 && s.in_stride[3] != 1;
-  if (plane_gemm_supported && s.H * s.W <= 8 * 8 && !rows_strided) return Algo::kGemm;
-  if (mid && !(rows_strided && s.in_stride[2] == 1)) return Algo::kMid;
-  return small ? Algo::kSmall : Algo::kRows;
-}
-
-Algo choose_forward(DType dtype, const ConvShape& s) {
-  return choose(dtype, s, gemm_forward_supported(s), mid_forward_supported(s));
-}
-
-Algo choose_weight_grad(DType dtype, const ConvShape& s) {
-  return choose(dtype, s, gemm_weight_grad_supported(s), mid_weight_grad_supported(s));
-}
-
 }  // namespace
 
-cudaError_t launch_forward(DType dtype, const void* x, const Filter& filter, void* y,
-                           const ConvShape& shape, cudaStream_t stream) {
-  switch (choose_forward(dtype, shape)) {
-    case Algo::kGemm: return launch_forward_gemm(dtype, x, filter, y, shape, stream);
-    case Algo::kRows: return launch_forward_rows(dtype, x, filter, y, shape, stream);
-    case Algo::kSmall: return launch_forward_small(dtype, x, filter, y, shape, stream);
-    case Algo::kMid: return launch_forward_mid(x, filter, y, shape, stream);
-    default: break;
+bool supports(Formulation f, bool weight_grad, DType dtype, const ConvShape& s) {
+  switch (f) {
+    case Formulation::kDirect:
+    case Formulation::kRows: return true;
+    case Formulation::kPlane:
+      return weight_grad ? gemm_weight_grad_supported(s) : gemm_forward_supported(s);
+    case Formulation::kSmall: return small_supported(s);
+    case Formulation::kMid:
+      return dtype == DType::kFloat32 &&
+             (weight_grad ? mid_weight_grad_supported(s) : mid_forward_supported(s));
+  }
+  return false;
+}
+
+cudaError_t launch_forward(Formulation f, DType dtype, const void* x, const Filter& filter,
+                           void* y, const ConvShape& shape, cudaStream_t stream) {
+  switch (f) {
+    case Formulation::kPlane: return launch_forward_gemm(dtype, x, filter, y, shape, stream);
+    case Formulation::kRows: return launch_forward_rows(dtype, x, filter, y, shape, stream);
+    case Formulation::kSmall: return launch_forward_small(dtype, x, filter, y, shape, stream);
+    case Formulation::kMid: return launch_forward_mid(x, filter, y, shape, stream);
+    case Formulation::kDirect: break;
   }
   switch (dtype) {
     case DType::kFloat32: return forward_typed<float>(x, filter, y, shape, stream);
@@ -451,31 +411,32 @@ cudaError_t launch_forward(DType dtype, const void* x, const Filter& filter, voi
   return cudaErrorInvalidValue;
 }
 
-int64_t weight_grad_workspace_floats(DType dtype, const ConvShape& shape) {
-  switch (choose_weight_grad(dtype, shape)) {
-    case Algo::kGemm: return 0;
-    case Algo::kSmall: return 0;
-    case Algo::kMid: return mid_weight_grad_workspace_floats(shape);
-    case Algo::kRows: return rows_weight_grad_workspace_floats(dtype, shape, device_sms());
-    default: break;
+int64_t weight_grad_workspace_floats(Formulation f, DType dtype, const ConvShape& shape) {
+  switch (f) {
+    case Formulation::kPlane:
+    case Formulation::kSmall: return 0;
+    case Formulation::kMid: return mid_weight_grad_workspace_floats(shape);
+    case Formulation::kRows: return rows_weight_grad_workspace_floats(dtype, shape, device_sms());
+    case Formulation::kDirect: break;
   }
   const WeightGradParams p = plan_weight_grad(shape, device_sms());
   return int64_t(num_partials(p)) * shape.C * shape.kh * shape.kw;
 }
 
-cudaError_t launch_weight_grad(DType dtype, const void* x, const void* grad_out, float* workspace,
-                               void* grad_weight, const ConvShape& shape, cudaStream_t stream) {
-  switch (choose_weight_grad(dtype, shape)) {
-    case Algo::kGemm:
+cudaError_t launch_weight_grad(Formulation f, DType dtype, const void* x, const void* grad_out,
+                               float* workspace, void* grad_weight, const ConvShape& shape,
+                               cudaStream_t stream) {
+  switch (f) {
+    case Formulation::kPlane:
       return launch_weight_grad_gemm(dtype, x, grad_out, grad_weight, shape, stream);
-    case Algo::kRows:
+    case Formulation::kRows:
       return launch_weight_grad_rows(dtype, x, grad_out, workspace, grad_weight, shape,
                                      device_sms(), stream);
-    case Algo::kSmall:
+    case Formulation::kSmall:
       return launch_weight_grad_small(dtype, x, grad_out, grad_weight, shape, stream);
-    case Algo::kMid:
+    case Formulation::kMid:
       return launch_weight_grad_mid(x, grad_out, workspace, grad_weight, shape, stream);
-    default: break;
+    case Formulation::kDirect: break;
   }
   switch (dtype) {
     case DType::kFloat32:

@@ -4,9 +4,9 @@
 //
 // Layout: the kernels address every tensor through its strides, so NCHW, channels_last and other
 // views are read and written in place (no copies). Outputs take x's layout: channels_last when x is
-// channels_last, NCHW otherwise. On planes over 16 x 16 kernels wider than tall are the fast
-// orientation; a kernel taller than wide is run there on the H/W-transposed views (a stride swap,
-// not a copy).
+// channels_last, NCHW otherwise. Each operator runs the formulation and orientation it is given
+// (kernels/plan.py decides them): `formulation` indexes the Formulation enum, `transposed` runs
+// the launch on the H/W-transposed views of its tensors and kernel (a stride swap, not a copy).
 #include <Python.h>
 
 #include <ATen/ATen.h>
@@ -68,16 +68,10 @@ void check_weight(const at::Tensor& x, const at::Tensor& weight) {
   check_kernel_size(weight.size(2), weight.size(3));
 }
 
-// Whether a kh x kw kernel runs on the H/W-transposed views of `in` (and its output): tall
-// kernels, where the formulation multiplies kernel rows (the row-Toeplitz GEMM, planes over
-// 16 x 16; few and wide rows are its fast orientation). Up to 16 x 16 the small-plane and plane
-// GEMMs multiply whole-row Toeplitz tiles, and on planes with contiguous rows the transposed
-// view's strided loads and stores cost more than its fewer rows save (H100, SLaK 47x5 at 14x14:
-// forward 0.120 -> 0.082 ms fp32, 0.103 -> 0.043 bf16 untransposed); on channels_last planes every
-// access is strided either way and the fewer rows win (f+b 0.520 vs 0.583 ms fp32).
-bool run_transposed(int64_t kh, int64_t kw, const at::Tensor& in) {
-  const bool small_plane = in.size(2) <= 16 && in.size(3) <= 16;
-  return kw < kh && !(small_plane && in.stride(3) == 1);
+Formulation formulation_of(int64_t index) {
+  TORCH_CHECK(index >= 0 && index < kNumFormulations,
+              "lknets depthwise conv: unknown formulation index (kernels/plan.py FORMULATIONS)");
+  return static_cast<Formulation>(index);
 }
 
 // The shape of out = in (*) k for the (possibly H/W-transposed) views `in` and `out`.
@@ -106,10 +100,17 @@ void check_launch(cudaError_t err, const char* what) {
               cudaGetErrorString(err));
 }
 
+// A plan that the kernels refuse means plan.py's mirror of `supports` and the kernels disagree.
+void check_supported(Formulation f, bool weight_grad, DType dtype, const ConvShape& s) {
+  TORCH_CHECK(supports(f, weight_grad, dtype, s),
+              "lknets depthwise conv: the planned formulation cannot take this shape "
+              "(kernels/plan.py and the kernels disagree)");
+}
+
 // out = in (*) weight (+ bias); `flip` rotates the kernel by 180 degrees (the input gradient).
 at::Tensor correlate(const at::Tensor& in, const at::Tensor& weight,
                      const std::optional<at::Tensor>& bias, int64_t pad_h, int64_t pad_w,
-                     bool flip) {
+                     bool flip, Formulation formulation, bool transpose) {
   const int64_t kh = weight.size(2), kw = weight.size(3);
   const int64_t Ho = in.size(2) + 2 * pad_h - kh + 1;
   const int64_t Wo = in.size(3) + 2 * pad_w - kw + 1;
@@ -134,38 +135,42 @@ at::Tensor correlate(const at::Tensor& in, const at::Tensor& weight,
     f.stride[1] = -f.stride[1];
     f.stride[2] = -f.stride[2];
   }
-  const bool transpose = run_transposed(kh, kw, in);
   if (transpose) std::swap(f.stride[1], f.stride[2]);
   const at::Tensor in_v = transpose ? in.transpose(2, 3) : in;
   const at::Tensor out_v = transpose ? out.transpose(2, 3) : out;
   const ConvShape s = transpose ? make_shape(in_v, out_v, kw, kh, pad_w, pad_h)
                                 : make_shape(in_v, out_v, kh, kw, pad_h, pad_w);
-  check_launch(launch_forward(dtype_of(in), in_v.data_ptr(), f, out_v.data_ptr(), s,
+  check_supported(formulation, false, dtype_of(in), s);
+  check_launch(launch_forward(formulation, dtype_of(in), in_v.data_ptr(), f, out_v.data_ptr(), s,
                               c10::cuda::getCurrentCUDAStream().stream()),
                "forward kernel");
   return out;
 }
 
 at::Tensor forward(const at::Tensor& x, const at::Tensor& weight,
-                   const std::optional<at::Tensor>& bias, int64_t pad_h, int64_t pad_w) {
+                   const std::optional<at::Tensor>& bias, int64_t pad_h, int64_t pad_w,
+                   int64_t formulation, bool transposed) {
   check_activation(x, "input");
   check_weight(x, weight);
   TORCH_CHECK(pad_h >= 0 && pad_w >= 0, "lknets depthwise conv: padding must be >= 0, got (",
               pad_h, ", ", pad_w, ")");
-  return correlate(x, weight, bias, pad_h, pad_w, /*flip=*/false);
+  return correlate(x, weight, bias, pad_h, pad_w, /*flip=*/false, formulation_of(formulation),
+                   transposed);
 }
 
 // grad_input = grad_out (*) rot180(weight) with padding k - 1 - pad (negative padding crops).
 at::Tensor input_grad(const at::Tensor& grad_out, const at::Tensor& weight, int64_t pad_h,
-                      int64_t pad_w) {
+                      int64_t pad_w, int64_t formulation, bool transposed) {
   check_activation(grad_out, "grad_output");
   check_weight(grad_out, weight);
   return correlate(grad_out, weight, std::nullopt, weight.size(2) - 1 - pad_h,
-                   weight.size(3) - 1 - pad_w, /*flip=*/true);
+                   weight.size(3) - 1 - pad_w, /*flip=*/true, formulation_of(formulation),
+                   transposed);
 }
 
 at::Tensor weight_grad(const at::Tensor& x, const at::Tensor& grad_out, int64_t kh, int64_t kw,
-                       int64_t pad_h, int64_t pad_w) {
+                       int64_t pad_h, int64_t pad_w, int64_t formulation, bool transpose) {
+  const Formulation algo = formulation_of(formulation);
   check_activation(x, "input");
   check_activation(grad_out, "grad_output");
   check_kernel_size(kh, kw);
@@ -178,7 +183,6 @@ at::Tensor weight_grad(const at::Tensor& x, const at::Tensor& grad_out, int64_t 
               " does not match the input ", x.sizes(), " with kernel ", kh, "x", kw,
               " and padding (", pad_h, ", ", pad_w, ")");
   const c10::cuda::CUDAGuard guard(x.device());
-  const bool transpose = run_transposed(kh, kw, x);
   at::Tensor grad_w = at::empty({x.size(1), 1, transpose ? kw : kh, transpose ? kh : kw},
                                 x.options());
   if (x.numel() == 0 || grad_out.numel() == 0) {
@@ -188,8 +192,10 @@ at::Tensor weight_grad(const at::Tensor& x, const at::Tensor& grad_out, int64_t 
     const at::Tensor g_v = transpose ? grad_out.transpose(2, 3) : grad_out;
     const ConvShape s = transpose ? make_shape(x_v, g_v, kw, kh, pad_w, pad_h)
                                   : make_shape(x_v, g_v, kh, kw, pad_h, pad_w);
-    at::Tensor workspace = at::empty({weight_grad_workspace_floats(dtype_of(x), s)}, x.options().dtype(at::kFloat));
-    check_launch(launch_weight_grad(dtype_of(x), x_v.data_ptr(), g_v.data_ptr(),
+    check_supported(algo, true, dtype_of(x), s);
+    at::Tensor workspace = at::empty({weight_grad_workspace_floats(algo, dtype_of(x), s)},
+                                     x.options().dtype(at::kFloat));
+    check_launch(launch_weight_grad(algo, dtype_of(x), x_v.data_ptr(), g_v.data_ptr(),
                                     workspace.data_ptr<float>(), grad_w.data_ptr(), s,
                                     c10::cuda::getCurrentCUDAStream().stream()),
                  "weight-gradient kernel");
@@ -197,15 +203,33 @@ at::Tensor weight_grad(const at::Tensor& x, const at::Tensor& grad_out, int64_t 
   return transpose ? grad_w.transpose(2, 3).contiguous() : grad_w;
 }
 
+// Whether formulation `index` takes the launch `shape` = (N, C, H, W, Ho, Wo, kh, kw, pad_h,
+// pad_w) (contiguous strides): what kernels/plan.py's `supports` mirrors, for the tests.
+bool supports_shape(int64_t index, bool weight_grad, at::ScalarType dtype,
+                    c10::IntArrayRef shape) {
+  TORCH_CHECK(shape.size() == 10, "lknets depthwise conv: supports takes 10 sizes");
+  const at::Tensor in = at::empty({shape[0], shape[1], shape[2], shape[3]},
+                                  at::TensorOptions().dtype(dtype).device(at::kMeta));
+  const at::Tensor out = at::empty({shape[0], shape[1], shape[4], shape[5]}, in.options());
+  const ConvShape s = make_shape(in, out, shape[6], shape[7], shape[8], shape[9]);
+  return supports(formulation_of(index), weight_grad, dtype_of(in), s);
+}
+
 }  // namespace
 }  // namespace lknets
 
 TORCH_LIBRARY(lknets_cuda, m) {
-  m.def("forward(Tensor x, Tensor weight, Tensor? bias, int pad_h, int pad_w) -> Tensor");
-  m.def("input_grad(Tensor grad_out, Tensor weight, int pad_h, int pad_w) -> Tensor");
   m.def(
-      "weight_grad(Tensor x, Tensor grad_out, int kernel_h, int kernel_w, int pad_h, int pad_w) "
-      "-> Tensor");
+      "forward(Tensor x, Tensor weight, Tensor? bias, int pad_h, int pad_w, int formulation, "
+      "bool transposed) -> Tensor");
+  m.def(
+      "input_grad(Tensor grad_out, Tensor weight, int pad_h, int pad_w, int formulation, "
+      "bool transposed) -> Tensor");
+  m.def(
+      "weight_grad(Tensor x, Tensor grad_out, int kernel_h, int kernel_w, int pad_h, int pad_w, "
+      "int formulation, bool transposed) -> Tensor");
+  m.def("supports(int formulation, bool weight_grad, ScalarType dtype, int[] shape) -> bool",
+        &lknets::supports_shape);
 }
 
 TORCH_LIBRARY_IMPL(lknets_cuda, CUDA, m) {

@@ -113,20 +113,29 @@ __global__ void __launch_bounds__(kThreads) oriented_forward_kernel(
   }
 }
 
+// The input gradient gathers, for input pixel (h, w), the taps whose output p = (h - dh) / st,
+// q = (w - dw) / st exists. A thread takes kRun input columns of one residue r modulo the stride,
+// w = w0 + r + st * k (k < kRun, w0 a multiple of st * kRun): a tap then reaches all of them or
+// none ((w - dw) divisible by st for one k means for every k), and it reaches kRun consecutive
+// gradient columns q0 + k. Per tap: one row test and one column test, then kRun multiply-adds on
+// contiguous reads (measured on the stride-2 stem: one test per column, with per-column division,
+// left three of four column slots idle).
 template <typename T, bool kChannelsLast, int kStride, typename Index,
           typename Acc = at::opmath_type<T>>
 __global__ void __launch_bounds__(kThreads) oriented_input_grad_kernel(
     const T* __restrict__ grad_out, const T* __restrict__ weight,
     const int2* __restrict__ offsets, T* __restrict__ grad_in, Geometry g) {
-  const Index runs = Index((g.w + kRun - 1) / kRun);
-  const Index total = Index(g.n * g.c * g.h) * runs;
   const int st = stride_of<kStride>(g);
+  const Index span = Index(st * kRun);
+  const Index runs = Index((g.w + span - 1) / span) * Index(st);
+  const Index total = Index(g.n * g.c * g.h) * runs;
   const Index yh = Index(g.ys[2]), yw = Index(g.ys[3]), xw = Index(g.xs[3]);
   for (Index i = blockIdx.x * Index(kThreads) + threadIdx.x; i < total;
        i += Index(gridDim.x) * kThreads) {
     Index n, c, h, run;
     decompose<kChannelsLast, Index>(i, Index(g.c), Index(g.h), runs, n, c, h, run);
-    const int w0 = int(run) * kRun;
+    const int r = int(run % Index(st));
+    const int w0 = int(run / Index(st)) * int(span) + r;
     const T* plane = grad_out + (n * Index(g.ys[0]) + c * Index(g.ys[1]));
     Acc acc[kRun];
 #pragma unroll
@@ -134,25 +143,24 @@ __global__ void __launch_bounds__(kThreads) oriented_input_grad_kernel(
 #pragma unroll 2
     for (int s = 0; s < g.taps; ++s) {
       const int2 off = offsets[s * int(g.c) + int(c)];
-      // A tap reaches input row h from output row p = (h - dh) / stride, when that divides.
-      int p = int(h) - off.x;
-      if (p < 0 || p % st != 0) continue;
-      p /= st;
-      if (p >= g.ho) continue;
+      // p and q may be negative; a zero remainder still means divisible, and the division exact.
+      const int p = int(h) - off.x, q = w0 - off.y;
+      if (p < 0 || p % st != 0 || q % st != 0) continue;
+      const int po = p / st, q0 = q / st;
+      if (po >= g.ho) continue;
       const Acc wt = static_cast<Acc>(weight[s * int(g.c) + int(c)]);
-      const T* row = plane + Index(p) * yh;
+      const T* row = plane + Index(po) * yh;
 #pragma unroll
       for (int k = 0; k < kRun; ++k) {
-        const int q = w0 + k - off.y;
-        if (q >= 0 && q % st == 0 && q / st < g.wo) {
-          acc[k] += wt * static_cast<Acc>(row[Index(q / st) * yw]);
-        }
+        const int qk = q0 + k;
+        if (unsigned(qk) < unsigned(g.wo)) acc[k] += wt * static_cast<Acc>(row[Index(qk) * yw]);
       }
     }
     T* out = grad_in + (n * Index(g.xs[0]) + c * Index(g.xs[1]) + h * Index(g.xs[2]));
 #pragma unroll
     for (int k = 0; k < kRun; ++k) {
-      if (w0 + k < g.w) out[Index(w0 + k) * xw] = static_cast<T>(acc[k]);
+      const int w = w0 + st * k;
+      if (w < g.w) out[Index(w) * xw] = static_cast<T>(acc[k]);
     }
   }
 }
@@ -355,7 +363,8 @@ at::Tensor oriented_input_grad(const at::Tensor& grad_in, const at::Tensor& weig
     const auto* off = reinterpret_cast<const int2*>(offsets.data_ptr<int>());
     with_variant(cl, stride, dx.numel(), [&](auto layout, auto st, auto index) {
       oriented_input_grad_kernel<scalar_t, decltype(layout)::value, decltype(st)::value,
-                                 decltype(index)><<<grid_for(dx.numel() / kRun), kThreads, 0, stream>>>(
+                                 decltype(index)><<<grid_for(dx.numel() / kRun), kThreads, 0,
+                                                     stream>>>(
           dy.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), off, dx.data_ptr<scalar_t>(), g);
     });
   });
