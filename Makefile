@@ -12,16 +12,17 @@ DEMO_ARGS ?= --model convnext_atto --device cpu --epochs 4 --batch_size 32 --inp
 
 setup: $(VENV)/.installed
 
-# The export extras (onnx, onnxruntime) are optional for users but installed here, so that the
-# test suite checks the ONNX path too.
-$(VENV)/.installed: requirements.txt requirements-export.txt
+# The export extras (onnx, onnxruntime) and the time-series data packages (statsmodels, sktime)
+# are optional for users but installed here, so that the test suite checks those paths too.
+$(VENV)/.installed: requirements.txt requirements-export.txt requirements-modalities.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
-	$(PY) -m pip install -r requirements.txt -r requirements-export.txt
+	$(PY) -m pip install -r requirements.txt -r requirements-export.txt -r requirements-modalities.txt
 	touch $@
 
 data:
 	@bash tools/install_fashion_mnist.sh
+	@bash tools/install_speech_testdata.sh
 
 # The demo starts from scratch each time (a kept output/demo would auto-resume, finished).
 demo: setup data

@@ -21,13 +21,16 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision import datasets, transforms
 from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
+import modalities
 import utils
 from utils import UserError
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                          "Sneaker", "Bag", "Ankle boot"]
-DATA_SETS = ("IMNET", "image_folder", "CIFAR", "CIFAR10", "CIFAR100", "fashion_mnist")
+IMAGE_DATA_SETS = ("IMNET", "image_folder", "CIFAR", "CIFAR10", "CIFAR100", "fashion_mnist")
+# Audio, time series, video and point clouds (modalities/): their own data and adapters.
+DATA_SETS = IMAGE_DATA_SETS + tuple(modalities.DATA_SETS)
 
 
 def _read_idx(path: str) -> np.ndarray:
@@ -81,6 +84,15 @@ def _find_idx(root: str, stem: str) -> str:
         f"Fashion-MNIST file {stem}[.gz] not found in {root}. Install the embedded dataset with "
         f"'apt-get install dataset-fashion-mnist' (files go to {FASHION_MNIST_DIR}) or pass "
         "--data_path to a folder with train/t10k images/labels idx files")
+
+
+def resolve_input_size(args: argparse.Namespace) -> int:
+    """--input_size, defaulting to 224 for images and to the modality's own default otherwise
+    (fbank frames, window length, ...: modalities.DATA_SETS); sets it on ``args``."""
+    if args.input_size is None:
+        modality = modalities.get(args.data_set)
+        args.input_size = modality.default_input_size if modality is not None else 224
+    return args.input_size
 
 
 def resolve_data_set(args: argparse.Namespace) -> str:
@@ -272,6 +284,9 @@ def report_skipped(loader: Optional[DataLoader], when: str, device: torch.device
 def build_dataset(is_train: bool, args: argparse.Namespace) -> Tuple[Dataset, int]:
     """The train or eval split of --data_set with its transform, and its number of classes."""
     data_set = resolve_data_set(args)
+    resolve_input_size(args)
+    if modalities.get(data_set) is not None:
+        return _modality_dataset(data_set, is_train, args)
     split = "train" if is_train else "eval"
     if data_set in ("IMNET", "image_folder") and (is_train or args.eval):
         _check_image_folders(args, data_set)  # on the first call, for both splits
@@ -316,6 +331,23 @@ def build_dataset(is_train: bool, args: argparse.Namespace) -> Tuple[Dataset, in
     if args.skip_bad_images:
         dataset = SkipUndecodable(dataset, split, ignore_substitutes=not is_train)
     return dataset, nb_classes
+
+
+def _modality_dataset(data_set: str, is_train: bool,
+                      args: argparse.Namespace) -> Tuple[Dataset, int]:
+    """A non-image data set (modalities/), with --train_subset / --eval_subset: class-balanced
+    where samples have classes, else evenly spaced (forecast windows)."""
+    dataset, outputs = modalities.build_dataset(data_set, is_train, args)
+    subset = args.train_subset if is_train else args.eval_subset
+    if subset:
+        targets = getattr(dataset, "targets", None)
+        if targets is not None:
+            indices = stratified_indices(targets, subset)
+        else:
+            step = len(dataset) / min(subset, len(dataset))
+            indices = sorted({int(i * step) for i in range(min(subset, len(dataset)))})
+        dataset = Subset(dataset, indices)
+    return dataset, outputs
 
 
 def stratified_indices(targets: Sequence[int], count: int) -> List[int]:

@@ -187,7 +187,11 @@ def train_one_epoch(model: torch.nn.Module, criterion: Union[torch.nn.Module, In
         samples = samples.to(device, non_blocking=True)
         targets = targets.to(device, non_blocking=True)
         if mixup_fn is not None:
-            samples, targets = mixup_fn(samples, targets)
+            # Clips (B, C, T, H, W) are mixed as (B, C * T, H, W) images, before the video
+            # adapter's reshape (models/video.py), as upstream.
+            mixed, targets = mixup_fn(samples.flatten(1, 2) if samples.dim() == 5 else samples,
+                                      targets)
+            samples = mixed.view_as(samples)
 
         update_grad = (data_iter_step + 1) % update_freq == 0
         # DDP decides in the forward whether the backward reduces, so both run in no_sync().
@@ -211,7 +215,7 @@ def train_one_epoch(model: torch.nn.Module, criterion: Union[torch.nn.Module, In
                     masking.update_ema(model_ema.module)
 
         class_acc = None
-        if mixup_fn is None:
+        if mixup_fn is None and not targets.is_floating_point():  # not forecasts
             class_acc = (output.argmax(dim=-1) == targets).float().mean()
         log_step = None
         if log_writer is not None and update_grad:
@@ -274,4 +278,35 @@ def evaluate(data_loader: Iterable, model: torch.nn.Module, device: torch.device
              "acc5": 100.0 * correct5 / count}
     print(f"* Acc@1 {stats['acc1']:.3f} Acc@5 {stats['acc5']:.3f} loss {stats['loss']:.3f} "
           f"({int(count)} images)")
+    return stats
+
+
+@torch.no_grad()
+def evaluate_forecast(data_loader: Iterable, model: torch.nn.Module, device: torch.device,
+                      amp_dtype: Optional[torch.dtype] = None,
+                      header: str = "Test:") -> Dict[str, float]:
+    """MSE and MAE of the forecasts over the whole loader (summed exactly across ranks), next to
+    the naive forecast that repeats each window's last value. ``loss`` is the MSE."""
+    from modalities.timeseries import naive_last_value
+    model.eval()
+    totals = torch.zeros(5, dtype=torch.float64, device=device)  # se, ae, naive se, naive ae, n
+    metric_logger = utils.MetricLogger()
+    for series, target in metric_logger.log_every(data_loader, 10, header):
+        series = series.to(device, non_blocking=True)
+        target = target.to(device, non_blocking=True)
+        with autocast(device, amp_dtype):
+            forecast = model(series)
+        error = forecast.float() - target
+        naive = naive_last_value(series, target.shape[1]) - target
+        totals += torch.stack([error.square().sum(), error.abs().sum(), naive.square().sum(),
+                               naive.abs().sum(), torch.tensor(target.numel(), device=device)
+                               ]).double()
+    if utils.is_dist_avail_and_initialized():
+        torch.distributed.all_reduce(totals)
+    se, ae, naive_se, naive_ae, count = totals.tolist()
+    count = max(count, 1.0)
+    stats = {"loss": se / count, "mse": se / count, "mae": ae / count,
+             "naive_mse": naive_se / count, "naive_mae": naive_ae / count}
+    print(f"* MSE {stats['mse']:.4f} MAE {stats['mae']:.4f} (naive last value: MSE "
+          f"{stats['naive_mse']:.4f} MAE {stats['naive_mae']:.4f}; {int(count)} values)")
     return stats

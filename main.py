@@ -11,7 +11,7 @@ import os
 import sys
 import tempfile
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.backends.cudnn as cudnn
@@ -22,10 +22,12 @@ from timm.utils import ModelEmaV2
 from torch.utils.data import DataLoader, DistributedSampler
 
 import kernels.plan
+import modalities
 import models
 import utils
-from datasets import DATA_SETS, EpochSeededDataset, build_dataset, report_skipped
-from engine import evaluate, train_one_epoch
+from datasets import (DATA_SETS, EpochSeededDataset, build_dataset, report_skipped,
+                      resolve_input_size)
+from engine import evaluate, evaluate_forecast, train_one_epoch
 from optim_factory import create_optimizer
 from sparse import Masking, add_sparse_args
 from utils import UserError, exit_status, str2bool
@@ -54,7 +56,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "compile; the flag alone: default mode). reduce-overhead adds CUDA "
                              "graphs: models with many small kernels (UniRepLKNet) train up to "
                              "2x faster with it (benchmarks/RESULTS.md)")
-    parser.add_argument("--input_size", default=224, type=int, help="image input size")
+    parser.add_argument("--input_size", default=None, type=int,
+                        help="image side (default 224); for audio, time-series, video and point "
+                             "data sets what modalities.DATA_SETS says (fbank frames, window "
+                             "length, frame side, view side), with its own default")
     parser.add_argument("--test_size", default=-1, type=int,
                         help="eval image size; -1 uses --input_size")
     parser.add_argument("--layer_scale_init_value", default=1e-6, type=float,
@@ -65,6 +70,18 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="build the re-parameterized (deploy) form, to load deploy weights")
     parser.add_argument("--with_small_kernel_merged", type=str2bool, default=False,
                         help="re-parameterize the loaded model before evaluating (with --eval)")
+
+    # Beyond images (modalities/: --data_set speech_commands, co2, macrodata, gunpoint,
+    # basicmotions, japanese_vowels, synthetic_video, synthetic_points)
+    parser.add_argument("--pred_len", default=24, type=int,
+                        help="forecasting data sets: steps to forecast (default: 24)")
+    parser.add_argument("--d_model", default=None, type=int,
+                        help="time series: embedding width per step; seq_len x d_model must be "
+                             "a square, the backbone's image (default: seq_len)")
+    parser.add_argument("--freqm", default=48, type=int,
+                        help="speech_commands: SpecAugment frequency mask (default: 48)")
+    parser.add_argument("--timem", default=48, type=int,
+                        help="speech_commands: SpecAugment time mask (default: 48)")
 
     # EMA
     parser.add_argument("--model_ema", type=str2bool, default=False)
@@ -209,6 +226,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def validate_args(args: argparse.Namespace) -> None:
     """Reject values that would fail later or silently do something else."""
+    modality = modalities.get(args.data_set)
+    resolve_input_size(args)
+
     def positive(name: str) -> None:
         if getattr(args, name) <= 0:
             raise UserError(f"--{name} must be > 0, got {getattr(args, name)}")
@@ -251,10 +271,26 @@ def validate_args(args: argparse.Namespace) -> None:
     except ValueError as err:  # unknown --model lists the registered names; bad family flags
         raise UserError(str(err)) from err
     check_optimizer(args)
-    check_input_size(args)
+    if modality is None:
+        check_input_size(args)
+    else:
+        check_modality_args(args, modality)
     for flag in ("output_dir", "log_dir"):
         if getattr(args, flag):
             check_writable_dir(getattr(args, flag), f"--{flag}")
+
+
+def check_modality_args(args: argparse.Namespace, modality: modalities.Modality) -> None:
+    """Flags of the image pipeline that a non-image --data_set cannot honour."""
+    if args.layer_decay != 1.0:
+        raise UserError(f"--layer_decay applies to image data sets, not to --data_set "
+                        f"{args.data_set} ({modality.kind})")
+    for flag in ("pred_len", "freqm", "timem"):
+        if getattr(args, flag) < 0 or (flag == "pred_len" and args.pred_len == 0):
+            raise UserError(f"--{flag} must be {'> 0' if flag == 'pred_len' else '>= 0'}, got "
+                            f"{getattr(args, flag)}")
+    if args.d_model is not None and args.d_model <= 0:
+        raise UserError(f"--d_model must be > 0, got {args.d_model}")
 
 
 def check_optimizer(args: argparse.Namespace) -> None:
@@ -320,6 +356,16 @@ def check_writable_dir(path: str, flag: str) -> None:
 
 
 def build_model(args: argparse.Namespace, nb_classes: int) -> torch.nn.Module:
+    """--model for --data_set; beyond images, the modality's adapter around --model (for
+    forecasting ``nb_classes`` is the horizon)."""
+    if modalities.get(args.data_set) is not None:
+        kernels.plan.set_lk_impl(args.lk_impl)
+        try:
+            return modalities.create_model(args.data_set, args, nb_classes,
+                                           drop_path_rate=args.drop_path)
+        except (TypeError, ValueError) as err:
+            raise UserError(f"--model {args.model} with --data_set {args.data_set}: "
+                            f"{err}") from err
     kwargs: Dict[str, Any] = {"num_classes": nb_classes, "drop_path_rate": args.drop_path}
     # Flags not every family takes are passed only when set, so a model that lacks the option
     # fails loudly instead of ignoring it.
@@ -395,11 +441,21 @@ def build_loaders(args: argparse.Namespace):
 
 
 def build_mixup(args: argparse.Namespace, nb_classes: int) -> Optional[Mixup]:
-    if not (args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None):
+    mixup, cutmix, cutmix_minmax = args.mixup, args.cutmix, args.cutmix_minmax
+    modality = modalities.get(args.data_set)
+    if modality is not None:
+        # Cutmix pastes image boxes and forecasts have no classes to mix: say what is off.
+        dropped = [f for f, v, ok in (("--mixup", mixup, modality.mixup),
+                                      ("--cutmix", cutmix, modality.cutmix)) if v > 0 and not ok]
+        if dropped:
+            print(f"{' and '.join(dropped)} off: not applicable to --data_set {args.data_set}")
+        mixup = mixup if modality.mixup else 0.0
+        cutmix, cutmix_minmax = (cutmix, cutmix_minmax) if modality.cutmix else (0.0, None)
+    if not (mixup > 0 or cutmix > 0 or cutmix_minmax is not None):
         return None
     print("Mixup is activated!")
-    return Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix,
-                 cutmix_minmax=args.cutmix_minmax, prob=args.mixup_prob,
+    return Mixup(mixup_alpha=mixup, cutmix_alpha=cutmix,
+                 cutmix_minmax=cutmix_minmax, prob=args.mixup_prob,
                  switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
                  label_smoothing=args.smoothing, num_classes=nb_classes)
 
@@ -492,20 +548,56 @@ def ema_device(model_ema: ModelEmaV2) -> torch.device:
     return next(model_ema.module.parameters()).device
 
 
+class Score:
+    """How evaluations are ranked: top-1 accuracy (higher is better), or for forecasting data
+    sets the MSE (lower is better); keeps the best value seen, starting from a resumed run's
+    log so it does not overwrite a better checkpoint-best.pth."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        modality = modalities.get(args.data_set)
+        forecasting = modality is not None and modality.task == "forecasting"
+        self.evaluate = evaluate_forecast if forecasting else evaluate
+        self.key, self.higher = ("mse", False) if forecasting else ("acc1", True)
+        self.what = "MSE of {} on the test windows: {:.5f}" if forecasting else \
+            "Accuracy of {} on the test images: {:.5f}%"
+        self.best: Dict[str, float] = {}
+
+    def report(self, stats: Dict[str, float], who: str) -> None:
+        print(self.what.format(who, stats[self.key]))
+
+    def restore(self, history: List[Dict[str, Any]], suffix: str) -> None:
+        seen = [row[f"test_{self.key}{suffix}"] for row in history
+                if f"test_{self.key}{suffix}" in row]
+        if seen:
+            self.best[suffix] = max(seen) if self.higher else min(seen)
+
+    def improved(self, stats: Dict[str, float], suffix: str = "") -> bool:
+        """Records ``stats`` of the model (suffix "") or its EMA ("_ema"); True when best."""
+        value, best = stats[self.key], self.best.get(suffix)
+        better = best is None or (value > best if self.higher else value < best)
+        if better:
+            self.best[suffix] = value
+        label = "accuracy" if self.higher else "MSE"
+        print(f"{'Max' if self.higher else 'Min'}{' EMA' if suffix else ''} {label}: "
+              f"{self.best[suffix]:.{2 if self.higher else 5}f}{'%' if self.higher else ''}")
+        return better
+
+
 def run_eval(args, model, model_without_ddp, model_ema, val_loader, device, amp_dtype):
     if args.with_small_kernel_merged:
         models.reparameterize_model(model_without_ddp)
         print(f"Re-parameterized {args.model} for evaluation")
-    stats = evaluate(val_loader, model, device, amp_dtype)
+    score = Score(args)
+    stats = score.evaluate(val_loader, model, device, amp_dtype)
     report_skipped(val_loader, "evaluation", device)
-    print(f"Accuracy of the network on the test images: {stats['acc1']:.5f}%")
+    score.report(stats, "the network")
     if model_ema is not None and args.model_ema_eval:
         if args.with_small_kernel_merged:
             models.reparameterize_model(model_ema.module)
-        ema_stats = evaluate(val_loader, model_ema.module, ema_device(model_ema), amp_dtype,
-                             header="Test (EMA):")
+        ema_stats = score.evaluate(val_loader, model_ema.module, ema_device(model_ema), amp_dtype,
+                                   header="Test (EMA):")
         report_skipped(val_loader, "evaluation (EMA)", device)
-        print(f"Accuracy of the model EMA on the test images: {ema_stats['acc1']:.5f}%")
+        score.report(ema_stats, "the model EMA")
         stats.update({f"{k}_ema": v for k, v in ema_stats.items()})
     return stats
 
@@ -528,8 +620,11 @@ def train(args, model, model_without_ddp, model_ema, optimizer, loss_scaler, tra
                                          args.warmup_epochs, warmup_steps=args.warmup_steps)
     wd_end = args.weight_decay if args.weight_decay_end is None else args.weight_decay_end
     wd_schedule = utils.cosine_scheduler(args.weight_decay, wd_end, args.epochs, steps_per_epoch)
-    if mixup_fn is not None:
-        criterion: torch.nn.Module = SoftTargetCrossEntropy()
+    modality = modalities.get(args.data_set)
+    if modality is not None and modality.task == "forecasting":
+        criterion: torch.nn.Module = torch.nn.MSELoss()
+    elif mixup_fn is not None:
+        criterion = SoftTargetCrossEntropy()
     elif args.smoothing > 0:
         criterion = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
     else:
@@ -548,13 +643,12 @@ def train(args, model, model_without_ddp, model_ema, optimizer, loss_scaler, tra
         for path in utils.remove_stale_temp_files(args.output_dir):
             print(f"Removed {path}, left by a writer that was killed")
 
-    max_accuracy = max_accuracy_ema = 0.0
+    score = Score(args)
     if args.output_dir and utils.is_main_process():
-        # Epochs from start_epoch on are trained again: drop their old lines, and keep the best
-        # accuracy so far so a resumed run does not overwrite a better checkpoint-best.pth.
+        # Epochs from start_epoch on are trained again: drop their old lines.
         history = utils.trim_json_log(args.output_dir, args.start_epoch)
-        max_accuracy = max((row.get("test_acc1", 0.0) for row in history), default=0.0)
-        max_accuracy_ema = max((row.get("test_acc1_ema", 0.0) for row in history), default=0.0)
+        score.restore(history, "")
+        score.restore(history, "_ema")
     stats: Dict[str, Any] = {}
     if args.start_epoch >= args.epochs:
         print(f"Nothing to train: the run is at epoch {args.start_epoch} of {args.epochs} "
@@ -580,32 +674,27 @@ def train(args, model, model_without_ddp, model_ema, optimizer, loss_scaler, tra
             stats["sparse_density"] = masking.densities()["total"]
             print(masking.density_report(per_layer=args.verbose))
         if val_loader is not None:
-            test_stats = evaluate(val_loader, model, device, amp_dtype)
+            test_stats = score.evaluate(val_loader, model, device, amp_dtype)
             report_skipped(val_loader, f"epoch {epoch} (eval)", device)
-            print(f"Accuracy of the model on the test images: {test_stats['acc1']:.1f}%")
-            if test_stats["acc1"] > max_accuracy:
-                max_accuracy = test_stats["acc1"]
-                if args.output_dir and args.save_ckpt:
-                    utils.save_model(args, epoch, model_without_ddp, optimizer, loss_scaler,
-                                     model_ema, extra, tag="best")
-            print(f"Max accuracy: {max_accuracy:.2f}%")
+            score.report(test_stats, "the model")
+            if score.improved(test_stats) and args.output_dir and args.save_ckpt:
+                utils.save_model(args, epoch, model_without_ddp, optimizer, loss_scaler,
+                                 model_ema, extra, tag="best")
             stats.update({f"test_{k}": v for k, v in test_stats.items()})
             if log_writer is not None:
-                log_writer.update(head="perf", step=epoch, test_acc1=test_stats["acc1"],
-                                  test_acc5=test_stats["acc5"], test_loss=test_stats["loss"])
+                log_writer.update(head="perf", step=epoch,
+                                  **{f"test_{k}": v for k, v in test_stats.items()})
             if model_ema is not None and args.model_ema_eval:
-                ema_stats = evaluate(val_loader, model_ema.module, ema_device(model_ema), amp_dtype,
-                                     header="Test (EMA):")
+                ema_stats = score.evaluate(val_loader, model_ema.module, ema_device(model_ema),
+                                           amp_dtype, header="Test (EMA):")
                 report_skipped(val_loader, f"epoch {epoch} (eval, EMA)", device)
-                if ema_stats["acc1"] > max_accuracy_ema:
-                    max_accuracy_ema = ema_stats["acc1"]
-                    if args.output_dir and args.save_ckpt:
-                        utils.save_model(args, epoch, model_without_ddp, optimizer,
-                                         loss_scaler, model_ema, extra, tag="best-ema")
-                print(f"Max EMA accuracy: {max_accuracy_ema:.2f}%")
+                if score.improved(ema_stats, "_ema") and args.output_dir and args.save_ckpt:
+                    utils.save_model(args, epoch, model_without_ddp, optimizer,
+                                     loss_scaler, model_ema, extra, tag="best-ema")
                 stats.update({f"test_{k}_ema": v for k, v in ema_stats.items()})
                 if log_writer is not None:
-                    log_writer.update(head="perf", step=epoch, test_acc1_ema=ema_stats["acc1"])
+                    log_writer.update(head="perf", step=epoch,
+                                      **{f"test_{k}_ema": v for k, v in ema_stats.items()})
         stats.update({"epoch": epoch, "n_parameters": n_parameters})
         if args.output_dir and utils.is_main_process():
             if log_writer is not None:
