@@ -95,6 +95,10 @@ def test_forecasting_reports_mse_mae_and_the_naive_baseline(tmp_path, capsys):
     assert stats["test_mse"] == log[1]["test_mse"]
     best = min(row["test_mse"] for row in log)
     assert f"Min MSE: {best:.5f}" in out
+    # The best checkpoint evaluates to the best logged MSE.
+    evaluated = run(argv + ["--eval", "true", "--resume", str(tmp_path / "checkpoint-best.pth")])
+    assert evaluated["mse"] == pytest.approx(best, rel=1e-6)
+    assert "MSE of the network on the test windows" in capsys.readouterr().out
 
 
 def test_score_ranks_forecasts_by_lower_mse():
