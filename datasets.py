@@ -165,15 +165,7 @@ class UndecodableImageError(UserError):
     """An image file PIL cannot open or decode (truncated, corrupt, not an image at all)."""
 
     def __init__(self, message: str, path: str = "", reason: str = "") -> None:
-        # Images are decoded in DataLoader worker processes, and torch re-raises a worker's
-        # exception in the main process as type(exc)("Caught UndecodableImageError in DataLoader
-        # worker process N.\nOriginal Traceback ..."), a text that ends with this exception's
-        # formatted line "datasets.UndecodableImageError: <message>". Keeping only <message>
-        # gives the user the same single "error: ..." line with and without workers.
-        name = type(self).__name__
-        if message.startswith(f"Caught {name} ") and "\nOriginal Traceback" in message:
-            message = message.rstrip().rsplit("\n", 1)[-1].split(f"{name}: ", 1)[-1]
-        super().__init__(message)
+        super().__init__(message)  # one line also when re-raised from a worker (UserError)
         self.path = path
         self.reason = reason
 

@@ -25,7 +25,20 @@ import torch.distributed as dist
 
 
 class UserError(Exception):
-    """A problem with the user's input; command-line entry points report it through exit_status."""
+    """A problem with the user's input; command-line entry points report it through exit_status.
+
+    Data are read in DataLoader worker processes, and torch re-raises a worker's exception in the
+    main process as ``type(exc)("Caught <Name> in DataLoader worker process N.\nOriginal
+    Traceback ...")``, a text that ends with the exception's own line ``<module>.<Name>:
+    <message>``. Keeping only <message> gives the user the same single "error: ..." line with
+    and without workers (an undecodable image, an audio file at the wrong sample rate).
+    """
+
+    def __init__(self, message: str = "", *args: Any) -> None:
+        name = type(self).__name__
+        if message.startswith(f"Caught {name} ") and "\nOriginal Traceback" in message:
+            message = message.rstrip().rsplit("\n", 1)[-1].split(f"{name}: ", 1)[-1]
+        super().__init__(message, *args)
 
 
 def exit_status(command: Callable[[], Any]) -> int:

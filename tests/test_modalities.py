@@ -216,3 +216,16 @@ def test_forecasting_under_two_processes_scores_every_window_once(tmp_path):
     # move them by about 1/41.
     for key in ("test_naive_mse", "test_naive_mae"):
         assert logs[1][key] == pytest.approx(logs[0][key], rel=1e-6)
+
+
+def test_audio_file_at_the_wrong_rate_is_one_line_with_workers(tmp_path, capsys):
+    write_tone_folder(tmp_path / "sc")
+    write_tone_folder(tmp_path / "sc8k", rate=8000)
+    bad = tmp_path / "sc" / "train" / "low" / "0.wav"
+    os.replace(tmp_path / "sc8k" / "train" / "low" / "0.wav", bad)
+    argv = BASE + ["--data_set", "speech_commands", "--data_path", str(tmp_path / "sc"),
+                   "--input_size", "32", "--num_workers", "2", "--train_subset", "0"]
+    assert lk_main.cli(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {bad} is sampled at 8000 Hz; accepted: 16000 Hz (resample the "
+                   "dataset first)"]
