@@ -101,6 +101,14 @@ def test_forecasting_reports_mse_mae_and_the_naive_baseline(tmp_path, capsys):
     assert "MSE of the network on the test windows" in capsys.readouterr().out
 
 
+@needs_extras
+def test_multivariate_forecasting_trains_through_main(tmp_path):
+    run(BASE + ["--data_set", "macrodata", "--input_size", "16", "--pred_len", "4",
+                "--output_dir", str(tmp_path)])
+    row = read_log(tmp_path)[0]
+    assert math.isfinite(row["test_mse"]) and row["test_naive_mse"] > 0
+
+
 def test_score_ranks_forecasts_by_lower_mse():
     args = lk_main.get_args_parser().parse_args(["--data_set", "co2"])
     score = lk_main.Score(args)
