@@ -285,10 +285,11 @@ def check_modality_args(args: argparse.Namespace, modality: modalities.Modality)
     if args.layer_decay != 1.0:
         raise UserError(f"--layer_decay applies to image data sets, not to --data_set "
                         f"{args.data_set} ({modality.kind})")
-    for flag in ("pred_len", "freqm", "timem"):
-        if getattr(args, flag) < 0 or (flag == "pred_len" and args.pred_len == 0):
-            raise UserError(f"--{flag} must be {'> 0' if flag == 'pred_len' else '>= 0'}, got "
-                            f"{getattr(args, flag)}")
+    if args.pred_len <= 0:
+        raise UserError(f"--pred_len must be > 0, got {args.pred_len}")
+    for flag in ("freqm", "timem"):
+        if getattr(args, flag) < 0:
+            raise UserError(f"--{flag} must be >= 0, got {getattr(args, flag)}")
     if args.d_model is not None and args.d_model <= 0:
         raise UserError(f"--d_model must be > 0, got {args.d_model}")
 
@@ -358,8 +359,8 @@ def check_writable_dir(path: str, flag: str) -> None:
 def build_model(args: argparse.Namespace, nb_classes: int) -> torch.nn.Module:
     """--model for --data_set; beyond images, the modality's adapter around --model (for
     forecasting ``nb_classes`` is the horizon)."""
+    kernels.plan.set_lk_impl(args.lk_impl)
     if modalities.get(args.data_set) is not None:
-        kernels.plan.set_lk_impl(args.lk_impl)
         try:
             return modalities.create_model(args.data_set, args, nb_classes,
                                            drop_path_rate=args.drop_path)
@@ -377,7 +378,6 @@ def build_model(args: argparse.Namespace, nb_classes: int) -> torch.nn.Module:
         kwargs["use_checkpoint"] = True
     if args.deploy:
         kwargs["deploy"] = True
-    kernels.plan.set_lk_impl(args.lk_impl)
     try:
         kwargs.update(models.family_kwargs(args.model, args))
         return models.create_model(args.model, **kwargs)

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from . import plan
+from .plan import _channels_last, _pair, _same_padding
 
 __all__ = ["depthwise_conv2d", "dilate_kernel", "load_extension", "is_available", "is_built",
            "split_subgrids", "merge_subgrids"]
@@ -85,10 +86,9 @@ def is_available(jit: bool = True) -> bool:
 
 
 def _output_layout(t: Tensor) -> torch.memory_format:
-    # Mirrors ops.cpp: outputs are channels_last only when the input is strictly channels_last.
-    if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
+    # Mirrors ops.cpp and oriented.cu: outputs are channels_last only when the input is strictly
+    # channels_last.
+    return torch.channels_last if _channels_last(t) else torch.contiguous_format
 
 
 @torch.library.custom_op("lknets::dwconv2d", mutates_args=(), device_types="cuda")
@@ -196,13 +196,6 @@ class _EagerDwconv2d(torch.autograd.Function):
                           functools.partial(_weight_grad, ops))
 
 
-def _pair(value) -> Tuple[int, int]:
-    if isinstance(value, int):
-        return value, value
-    first, second = value
-    return int(first), int(second)
-
-
 def dilate_kernel(kernel: Tensor, dilation) -> Tensor:
     """The dense kernel equivalent to ``kernel`` applied with ``dilation`` (int or pair): each
     k-tap side becomes dilation * (k - 1) + 1 taps, with dilation - 1 zeros between the taps.
@@ -252,8 +245,7 @@ def depthwise_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
         raise ValueError("depthwise_conv2d expects x (N, C, H, W) and weight (C, 1, kh, kw); got "
                          f"x {tuple(x.shape)} and weight {tuple(weight.shape)}")
     kh, kw = weight.shape[-2:]
-    dh, dw = _pair(dilation)
-    pad_h, pad_w = (dh * (kh // 2), dw * (kw // 2)) if padding is None else _pair(padding)
+    (pad_h, pad_w), (dh, dw) = _same_padding((kh, kw), padding, dilation)
     if not (1 <= kh <= 63 and 1 <= kw <= 63):
         raise ValueError(f"depthwise_conv2d: kernel sides must be within 1..63, got {kh}x{kw}")
     if min(dh, dw) < 1 or pad_h % dh or pad_w % dw:

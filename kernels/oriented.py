@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .ops import load_extension
+from .ops import _output_layout, load_extension
 
 __all__ = ["oriented_conv1d"]
 
@@ -28,18 +28,11 @@ def _oriented_op(x: Tensor, weight: Tensor, offsets: Tensor, bias: Optional[Tens
     return load_extension().oriented_forward(x, weight, offsets, bias, stride)
 
 
-def _out_layout(t: Tensor) -> torch.memory_format:
-    # As oriented.cu: channels_last output only for a strictly channels_last input.
-    if not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
 @_oriented_op.register_fake
 def _oriented_fake(x, weight, offsets, bias, stride):
     n, c, h, w = x.shape
     return torch.empty((n, c, (h - 1) // stride + 1, (w - 1) // stride + 1), dtype=x.dtype,
-                       device=x.device, memory_format=_out_layout(x))
+                       device=x.device, memory_format=_output_layout(x))
 
 
 @torch.library.custom_op("lknets::oriented_conv1d_input_grad", mutates_args=(),
@@ -53,7 +46,7 @@ def _oriented_input_grad(grad_out: Tensor, weight: Tensor, offsets: Tensor, heig
 def _oriented_input_grad_fake(grad_out, weight, offsets, height, width, stride):
     n, c = grad_out.shape[:2]
     return torch.empty((n, c, height, width), dtype=grad_out.dtype, device=grad_out.device,
-                       memory_format=_out_layout(grad_out))
+                       memory_format=_output_layout(grad_out))
 
 
 @torch.library.custom_op("lknets::oriented_conv1d_weight_grad", mutates_args=(),

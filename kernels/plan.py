@@ -3,9 +3,9 @@
 Every decision is a pure function of what a call looks like (shape, dtype, layout, kernel,
 dilation, direction) and of :class:`Settings`, which are read once from the command line or the
 environment. Models call :func:`planned_depthwise_conv2d` or ask :func:`oriented_runs_lknets`
-and know no benchmark numbers; the op (kernels/ops.py) asks :func:`formulation` for each launch and the CUDA
-extension runs exactly that formulation, refusing a shape it cannot take (no silent fallback), so
-``plan_conv(...)`` tells what runs and tests can assert it.
+and know no benchmark numbers; the op (kernels/ops.py) asks :func:`formulation` for each launch
+and the CUDA extension runs exactly that formulation, refusing a shape it cannot take (no silent
+fallback), so ``plan_conv(...)`` tells what runs and tests can assert it.
 
 Three levels of decision, each measured (benchmarks/RESULTS.md; kernels/DESIGN.md explains the
 kernels):
@@ -191,11 +191,15 @@ def extension_ready(strict: bool) -> bool:
     return _extension["ready"]
 
 
+def _wants_lknets(on_cuda: bool, wins: bool, impl: str) -> bool:
+    """``--lk_impl`` applied: never off the GPU or under ``torch``, always under ``cuda``, where
+    it measured faster (``wins``) under ``auto``."""
+    return on_cuda and impl != "torch" and (impl == "cuda" or wins)
+
+
 def _runs_lknets(x: torch.Tensor, wins: bool) -> bool:
     impl = settings().impl
-    if not x.is_cuda or impl == "torch" or not (impl == "cuda" or wins):
-        return False
-    return extension_ready(impl == "cuda")
+    return _wants_lknets(x.is_cuda, wins, impl) and extension_ready(impl == "cuda")
 
 
 def oriented_runs_lknets(x: torch.Tensor) -> bool:
@@ -212,11 +216,29 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
+# The helpers below are shared with kernels/ops.py (which imports this module, not the reverse).
 def _pair(value) -> Tuple[int, int]:
     if isinstance(value, int):
         return value, value
     first, second = value
     return int(first), int(second)
+
+
+Pair = Tuple[int, int]
+
+
+def _same_padding(kernel: Pair, padding, dilation) -> Tuple[Pair, Pair]:
+    """(padding, dilation) as pairs; padding defaults to ``dilation * (k // 2)``, 'same' for
+    odd kernels."""
+    dh, dw = _pair(dilation)
+    if padding is None:
+        return (dh * (kernel[0] // 2), dw * (kernel[1] // 2)), (dh, dw)
+    return _pair(padding), (dh, dw)
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    """Strictly channels_last: not also NCHW-contiguous (C = 1, 1x1 planes)."""
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 def planned_depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor,
@@ -227,18 +249,13 @@ def planned_depthwise_conv2d(x: torch.Tensor, weight: torch.Tensor,
     defaults to ``dilation * (k // 2)``; lknets' kernel takes a dilated conv when the padding is
     a multiple of the dilation ('same' padding is)."""
     kh, kw = weight.shape[-2:]
-    dh, dw = _pair(dilation)
-    pad = (dh * (kh // 2), dw * (kw // 2)) if padding is None else _pair(padding)
+    pad, (dh, dw) = _same_padding((kh, kw), padding, dilation)
     if pad[0] % dh == 0 and pad[1] % dw == 0 and _runs_lknets(x, lknets_wins(
             _autocast_dtype(x), (kh, kw), (dh, dw), tuple(x.shape[-2:]),
             _channels_last(x), x.is_contiguous(), torch.compiler.is_compiling())):
         from .ops import depthwise_conv2d as lknets_conv
         return lknets_conv(x, weight, bias, pad, (dh, dw))
     return torch.nn.functional.conv2d(x, weight, bias, 1, pad, (dh, dw), weight.shape[0])
-
-
-def _channels_last(x: torch.Tensor) -> bool:
-    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 # -- 2. dilation and orientation ------------------------------------------------------------------
@@ -268,7 +285,7 @@ def transposed(kernel: Tuple[int, int], plane: Tuple[int, int], row_stride: int)
     return kw < kh and not (small_plane and row_stride == 1)
 
 
-# -- 3. the formulation of one launch ---------------------------------------------------------------
+# -- 3. the formulation of one launch --------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class Launch:
@@ -401,7 +418,7 @@ def formulation(direction: str, x: torch.Tensor, kernel: Tuple[int, int],
                         settings())
 
 
-# -- the whole plan of one conv ---------------------------------------------------------------------
+# -- the whole plan of one conv --------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class ConvPlan:
@@ -431,16 +448,15 @@ def plan_conv(shape: Tuple[int, int, int, int], kernel: Tuple[int, int], dtype: 
               extension: bool = True) -> ConvPlan:
     """The plan of a 'same' depthwise conv of an input ``shape`` (N, C, H, W) in ``dtype`` (the
     autocast dtype where one applies), NCHW-contiguous or ``channels_last``, under the current
-    settings, as :func:`planned_depthwise_conv2d` would run it (``extension``: whether the CUDA extension
-    loads). The gradients are planned for an output gradient in the output's layout."""
+    settings, as :func:`planned_depthwise_conv2d` would run it (``extension``: whether the CUDA
+    extension loads). The gradients are planned for an output gradient in the output's layout."""
     n, c, h, w = shape
     kh, kw = kernel
     dh, dw = dilation
     current = settings()
     wins = lknets_wins(dtype, kernel, dilation, (h, w), channels_last, not channels_last,
                        compiling)
-    if (not on_cuda or current.impl == "torch" or not (current.impl == "cuda" or wins)
-            or not extension):
+    if not (_wants_lknets(on_cuda, wins, current.impl) and extension):
         return ConvPlan("torch")
     mode, pad = "none", (kh // 2, kw // 2)
     if (dh, dw) != (1, 1):

@@ -216,11 +216,13 @@ def test_dilated_dispatch_rule(layout, size, k, dilation, expected):
     ((64, 1024, 7, 7), (13, 13), torch.bfloat16, "nchw", (1, 1), "lknets plane/plane/plane"),
     ((64, 1024, 7, 7), (13, 13), torch.float32, "channels_last", (1, 1),
      "lknets small/small/small"),
-    ((64, 96, 56, 56), (51, 5), torch.bfloat16, "nchw", (1, 1), "lknets rows/rows/rows (transposed)"),
+    ((64, 96, 56, 56), (51, 5), torch.bfloat16, "nchw", (1, 1),
+     "lknets rows/rows/rows (transposed)"),
     ((64, 384, 14, 14), (47, 5), torch.bfloat16, "nchw", (1, 1), "lknets small/small/small"),
     ((64, 384, 14, 14), (47, 5), torch.bfloat16, "channels_last", (1, 1),
      "lknets small/small/small (transposed)"),
-    ((64, 96, 56, 56), (31, 1), torch.float32, "nchw", (1, 1), "lknets rows/rows/rows (transposed)"),
+    ((64, 96, 56, 56), (31, 1), torch.float32, "nchw", (1, 1),
+     "lknets rows/rows/rows (transposed)"),
     ((64, 80, 56, 56), (5, 5), torch.float16, "nchw", (1, 1), "torch"),
     ((64, 80, 56, 56), (7, 7), torch.bfloat16, "channels_last", (1, 1), "torch"),
     ((64, 160, 28, 28), (7, 7), torch.float32, "nchw", (2, 2), "torch"),  # eager: torch
@@ -400,8 +402,8 @@ def test_all_directions_match_float64(shape, k, dtype):
 
 
 # Shapes around the formulation boundaries (each test forces a formulation in the directions whose
-# launch it takes, kernels/plan.py; the extension runs exactly that). The plane GEMM (default up to 8x8) takes planes of up to 64
-# pixels in blocks of 64 images; contiguous planes whose image stride is a multiple of 16 bytes
+# launch it takes, kernels/plan.py; the extension runs exactly that). The plane GEMM (default up
+# to 8x8) takes planes of up to 64 pixels in blocks of 64 images; contiguous planes whose image stride is a multiple of 16 bytes
 # are staged with 16-byte copies from the 16-byte boundary before each plane (the shift differs per
 # channel), others element by element; the small-plane GEMM (default up to 16x16) on planes of up
 # to 16x16 in forward blocks of 32 images and weight-grad steps of 32 or 64 (fp32: 3xTF32, staged

@@ -39,7 +39,8 @@ def write_tone_folder(root, rate=16000):
             os.makedirs(os.path.join(root, split, name))
             for k in range(count):
                 t = np.arange(rate // 2) / rate
-                tone = (0.3 * np.sin(2 * np.pi * freq * (1 + 0.03 * k) * t) * 32767).astype(np.int16)
+                wave_ = 0.3 * np.sin(2 * np.pi * freq * (1 + 0.03 * k) * t)
+                tone = (wave_ * 32767).astype(np.int16)
                 with wave.open(os.path.join(root, split, name, f"{k}.wav"), "wb") as f:
                     f.setnchannels(1)
                     f.setsampwidth(2)
