@@ -21,6 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.dwconv import timed  # noqa: E402
+from kernels import plan  # noqa: E402
 from kernels.plan import set_lk_impl  # noqa: E402
 from models.oriented_conv import OrientedConv1d, channel_angles  # noqa: E402
 
@@ -59,12 +60,21 @@ def time_shape(shape, dtype) -> dict:
     for impl in ("cuda", "torch"):
         set_lk_impl(impl)
         out[impl] = {"fwd": timed(forward), "f+b": timed(forward_backward)}
+    planned = plan.oriented_formulation("forward", (n, c, h, h), s, dtype, stride,
+                                        layout == "nhwc")
+    if stride == 1 and layout == "nchw" and plan.oriented_plane_takes((n, c, h, h), s, dtype):
+        set_lk_impl("cuda")  # both formulations on the same conv, for the plan's rule
+        for name in ("plane", "gather"):
+            with plan.using(oriented=name):
+                out[name] = {"fwd": timed(forward), "f+b": timed(forward_backward)}
     set_lk_impl("auto")
-    return out
+    return {"formulation": planned, **out}
 
 
-HEADER = ("| shape (N, C, H, S, stride, layout) | bf16 ours fwd | bf16 ours f+b | bf16 torch f+b | "
-          "speed-up | fp32 ours f+b | fp32 torch f+b | speed-up |\n|---|---|---|---|---|---|---|---|")
+HEADER = ("| shape (N, C, H, S, stride, layout) | formulation | bf16 ours fwd | bf16 ours f+b | "
+          "bf16 plane / gather fwd | bf16 torch f+b | speed-up | fp32 ours f+b | fp32 torch f+b | "
+          "speed-up |"
+          "\n|---|---|---|---|---|---|---|---|---|---|")
 
 
 def describe(name: str, shape) -> str:
@@ -79,15 +89,18 @@ def table(records) -> str:
         by_shape.setdefault(r["shape"], {"dims": r["dims"]})[r["dtype"]] = r
     rows = [HEADER]
     for name, runs in by_shape.items():
-        cells = []
+        cells = [next(r.get("formulation", "gather") for r in runs.values() if "cuda" in r)]
         for dtype in ("bf16", "fp32"):
             r = runs.get(dtype)
             if r is None:
-                cells += ["—"] * (4 if dtype == "bf16" else 3)
+                cells += ["—"] * (5 if dtype == "bf16" else 3)
                 continue
             ours, theirs = r["cuda"], r["torch"]
-            cells += ([f"{ours['fwd']:.3f}"] if dtype == "bf16" else []) + [
-                f"{ours['f+b']:.3f}", f"{theirs['f+b']:.3f}", f"{theirs['f+b'] / ours['f+b']:.1f}x"]
+            gather = (f"{r['plane']['fwd']:.3f} / {r['gather']['fwd']:.3f}" if "gather" in r
+                      else "—")
+            cells += ([f"{ours['fwd']:.3f}", f"{ours['f+b']:.3f}", gather] if dtype == "bf16"
+                      else [f"{ours['f+b']:.3f}"]) + [
+                f"{theirs['f+b']:.3f}", f"{theirs['f+b'] / ours['f+b']:.1f}x"]
         rows.append(f"| {describe(name, runs['dims'])} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -116,9 +129,11 @@ def main() -> None:
             records.append({"shape": name, "dims": shape, "dtype": dname,
                             "device": torch.cuda.get_device_name(),
                             "torch_version": torch.__version__, **r})
-            print(f"{describe(name, shape)} {dname}: ours {r['cuda']['fwd']:.3f} / "
-                  f"{r['cuda']['f+b']:.3f} ms, torch {r['torch']['fwd']:.3f} / "
-                  f"{r['torch']['f+b']:.3f} ms (fwd / f+b)", flush=True)
+            gather = "".join(f", {k} {r[k]['fwd']:.3f} / {r[k]['f+b']:.3f}"
+                             for k in ("plane", "gather") if k in r)
+            print(f"{describe(name, shape)} {dname}: ours ({r['formulation']}) "
+                  f"{r['cuda']['fwd']:.3f} / {r['cuda']['f+b']:.3f} ms{gather}, torch "
+                  f"{r['torch']['fwd']:.3f} / {r['torch']['f+b']:.3f} ms (fwd / f+b)", flush=True)
             if sink:
                 sink.write(json.dumps(records[-1]) + "\n")
     if sink:

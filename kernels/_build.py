@@ -20,7 +20,7 @@ CSRC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 SOURCES = [os.path.join(CSRC, "ops.cpp"), os.path.join(CSRC, "dwconv_kernels.cu"),
            os.path.join(CSRC, "dwconv_gemm.cu"), os.path.join(CSRC, "dwconv_rows.cu"),
            os.path.join(CSRC, "dwconv_small.cu"), os.path.join(CSRC, "dwconv_mid.cu"),
-           os.path.join(CSRC, "oriented.cu")]
+           os.path.join(CSRC, "oriented.cu"), os.path.join(CSRC, "oriented_plane.cu")]
 DEFAULT_ARCH_LIST = "8.0;9.0"
 
 

@@ -5,8 +5,9 @@ NCHW or channels_last memory, ``y[n, c, p, q] = bias[c] + sum_s weight[s, c] * x
 + offsets[s, c, 0], q * stride + offsets[s, c, 1]]`` with zero padding, an output of
 ceil(H / stride) x ceil(W / stride) in the input's memory format. ``weight`` is (S, C) and
 ``offsets`` int32 (S, C, 2): the caller (models/oriented_conv.py) computes the tap offsets once,
-from the angles. One launch covers all channels and directions (kernels/csrc/oriented.cu says how
-it runs). Gradients reach ``x``, ``weight`` and ``bias``; the weight gradient is deterministic.
+from the angles. One launch covers all channels and directions; kernels/plan.py
+(``oriented_formulation``) picks the plane or gather kernels of each forward and input-gradient launch (kernels/csrc/
+oriented_plane.cu and oriented.cu say how they run). Gradients reach ``x``, ``weight`` and ``bias``; the weight gradient is deterministic.
 As for ``lknets::dwconv2d``, the op is a torch custom op (torch.compile, fake tensors) and eager
 calls on plain CUDA tensors take a leaner autograd.Function over the same extension ops.
 """
@@ -18,14 +19,40 @@ import torch
 from torch import Tensor
 
 from .ops import _output_layout, load_extension
+from .plan import _channels_last, oriented_formulation
 
 __all__ = ["oriented_conv1d"]
+
+
+def _plane(direction: str, full: Tensor, taps: int, stride: int) -> bool:
+    """Whether the launch of ``direction`` runs the plane kernels; ``full`` is x or, for the
+    input gradient, the output gradient (dx's layout, and its shape where the plane kernels
+    can run: stride 1)."""
+    return oriented_formulation(direction, tuple(full.shape), taps, full.dtype, stride,
+                                _channels_last(full)) == "plane"
+
+
+def _forward(x: Tensor, weight: Tensor, offsets: Tensor, bias: Optional[Tensor],
+             stride: int) -> Tensor:
+    return load_extension().oriented_forward(x, weight, offsets, bias, stride,
+                                             _plane("forward", x, weight.shape[0], stride))
+
+
+def _input_grad(grad_out: Tensor, weight: Tensor, offsets: Tensor, height: int, width: int,
+                stride: int) -> Tensor:
+    return load_extension().oriented_input_grad(
+        grad_out, weight, offsets, height, width, stride,
+        _plane("input_grad", grad_out, weight.shape[0], stride))
+
+
+def _weight_grad(x: Tensor, grad_out: Tensor, offsets: Tensor, stride: int) -> Tensor:
+    return load_extension().oriented_weight_grad(x, grad_out, offsets, stride)
 
 
 @torch.library.custom_op("lknets::oriented_conv1d", mutates_args=(), device_types="cuda")
 def _oriented_op(x: Tensor, weight: Tensor, offsets: Tensor, bias: Optional[Tensor],
                  stride: int) -> Tensor:
-    return load_extension().oriented_forward(x, weight, offsets, bias, stride)
+    return _forward(x, weight, offsets, bias, stride)
 
 
 @_oriented_op.register_fake
@@ -39,7 +66,7 @@ def _oriented_fake(x, weight, offsets, bias, stride):
                          device_types="cuda")
 def _oriented_input_grad(grad_out: Tensor, weight: Tensor, offsets: Tensor, height: int,
                          width: int, stride: int) -> Tensor:
-    return load_extension().oriented_input_grad(grad_out, weight, offsets, height, width, stride)
+    return _input_grad(grad_out, weight, offsets, height, width, stride)
 
 
 @_oriented_input_grad.register_fake
@@ -52,7 +79,7 @@ def _oriented_input_grad_fake(grad_out, weight, offsets, height, width, stride):
 @torch.library.custom_op("lknets::oriented_conv1d_weight_grad", mutates_args=(),
                          device_types="cuda")
 def _oriented_weight_grad(x: Tensor, grad_out: Tensor, offsets: Tensor, stride: int) -> Tensor:
-    return load_extension().oriented_weight_grad(x, grad_out, offsets, stride)
+    return _weight_grad(x, grad_out, offsets, stride)
 
 
 @_oriented_weight_grad.register_fake
@@ -94,12 +121,11 @@ class _EagerOriented(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, offsets, bias, stride):
         _setup_context(ctx, (x, weight, offsets, bias, stride), None)
-        return load_extension().oriented_forward(x, weight, offsets, bias, stride)
+        return _forward(x, weight, offsets, bias, stride)
 
     @staticmethod
     def backward(ctx, grad):
-        ops = load_extension()
-        return _gradients(ctx, grad, ops.oriented_input_grad, ops.oriented_weight_grad)
+        return _gradients(ctx, grad, _input_grad, _weight_grad)
 
 
 def oriented_conv1d(x: Tensor, weight: Tensor, offsets: Tensor, bias: Optional[Tensor] = None,

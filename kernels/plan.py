@@ -18,6 +18,9 @@ kernels):
    fp32 mid-plane GEMM for 17 to 64 columns, the row-Toeplitz GEMM for everything else; the
    direct CUDA-core kernels only when forced.
 
+4. for an oriented 1D conv on lknets' kernel, the shared-memory ``plane`` kernels (stride 1,
+   NCHW planes that fit) or the ``gather`` kernels (:func:`oriented_formulation`).
+
 ``python tools/show_plan.py --model NAME`` prints the plan of every depthwise conv of a model.
 """
 from __future__ import annotations
@@ -34,13 +37,15 @@ import torch
 __all__ = ["IMPLS", "FORMULATIONS", "DIRECTIONS", "Settings", "settings", "configure", "using",
            "set_lk_impl", "get_lk_impl", "ConvPlan", "Launch", "plan_conv", "formulation",
            "supports", "launch_of", "transposed", "dilation_mode", "lknets_wins", "extension_ready",
-           "oriented_runs_lknets", "planned_depthwise_conv2d"]
+           "oriented_runs_lknets", "oriented_formulation", "oriented_plane_takes",
+           "planned_depthwise_conv2d"]
 
 IMPLS = ("auto", "cuda", "torch")
 # Numbered as the Formulation enum of kernels/csrc/dwconv.h: the index is what the op passes.
 FORMULATIONS = ("direct", "plane", "small", "mid", "rows")
 DIRECTIONS = ("forward", "input_grad", "weight_grad")
 DILATION_MODES = ("auto", "subgrids", "dense")
+ORIENTED_FORMULATIONS = ("gather", "plane")
 _LEGACY_IMPL_ENV = "LARGE_KERNEL_CONV_IMPL"
 
 
@@ -48,11 +53,14 @@ _LEGACY_IMPL_ENV = "LARGE_KERNEL_CONV_IMPL"
 class Settings:
     """What the user chose. ``impl``: ``--lk_impl``. ``forced``: direction -> formulation name
     (benchmarks, tests; ``LKNETS_DWCONV_ALGO=NAME`` forces every direction). ``dilation``:
-    ``auto``, or ``subgrids`` / ``dense`` forced (``LKNETS_DWCONV_DILATION``)."""
+    ``auto``, or ``subgrids`` / ``dense`` forced (``LKNETS_DWCONV_DILATION``).
+    ``oriented``: ``auto``, or ``gather`` / ``plane`` forced for every oriented launch
+    (``LKNETS_ORIENTED_ALGO``)."""
 
     impl: str = "auto"
     forced: Tuple[Tuple[str, str], ...] = ()
     dilation: str = "auto"
+    oriented: str = "auto"
 
     def forced_for(self, direction: str) -> Optional[str]:
         return dict(self.forced).get(direction)
@@ -68,7 +76,8 @@ def _from_environment() -> Settings:
                       "--lk_impl or kernels.plan.set_lk_impl)", stacklevel=3)
     forced = os.environ.get("LKNETS_DWCONV_ALGO")
     dilation = os.environ.get("LKNETS_DWCONV_DILATION", "auto")
-    return _validated(Settings(impl, _forcing(forced) if forced else (), dilation))
+    oriented = os.environ.get("LKNETS_ORIENTED_ALGO", "auto")
+    return _validated(Settings(impl, _forcing(forced) if forced else (), dilation, oriented))
 
 
 def _forcing(name: str) -> Tuple[Tuple[str, str], ...]:
@@ -85,6 +94,9 @@ def _validated(s: Settings) -> Settings:
                              f"{FORMULATIONS}, directions: {DIRECTIONS}")
     if s.dilation not in DILATION_MODES:
         raise ValueError(f"unknown dilation mode {s.dilation!r}; choose one of {DILATION_MODES}")
+    if s.oriented not in ("auto",) + ORIENTED_FORMULATIONS:
+        raise ValueError(f"unknown oriented formulation {s.oriented!r}; choose one of "
+                         f"{('auto',) + ORIENTED_FORMULATIONS}")
     return s
 
 
@@ -100,10 +112,11 @@ def settings() -> Settings:
 
 
 def configure(impl: Optional[str] = None, formulation: Optional[str] = None,
-              dilation: Optional[str] = None, **per_direction: str) -> Settings:
+              dilation: Optional[str] = None, oriented: Optional[str] = None,
+              **per_direction: str) -> Settings:
     """Change the settings; returns the previous ones. ``formulation`` forces one formulation in
     every direction (``"auto"`` lifts forcing); ``forward=``/``input_grad=``/``weight_grad=``
-    force one direction."""
+    force one direction; ``oriented`` forces the oriented kernels' formulation."""
     global _settings
     previous = settings()
     forced = dict(previous.forced)
@@ -112,7 +125,8 @@ def configure(impl: Optional[str] = None, formulation: Optional[str] = None,
     forced.update(per_direction)
     _settings = _validated(Settings(previous.impl if impl is None else impl,
                                     tuple(sorted(forced.items())),
-                                    previous.dilation if dilation is None else dilation))
+                                    previous.dilation if dilation is None else dilation,
+                                    previous.oriented if oriented is None else oriented))
     return previous
 
 
@@ -208,6 +222,61 @@ def oriented_runs_lknets(x: torch.Tensor) -> bool:
     path, a sparse 2D conv per angle group, it measured faster on every shape it was timed on
     (benchmarks/oriented.py)."""
     return _runs_lknets(x, True)
+
+
+# Mirrors kernels/csrc/oriented.h and oriented_plane.cu (plane_geometry, smem_bytes).
+_PLANE_PIXELS, _MAX_PLANES, _PLANE_SMEM_LIMIT, _PLANE_ROWS, _TAP_BYTES = 1024, 16, 64 * 1024, 4, 16
+# The plane kernels measured faster than the gather kernels from this plane size up (H100, bf16
+# and fp32, S 31: 56 x 56 forward 0.316 vs 0.384 ms; 28 x 28 and smaller slower), see
+# benchmarks/oriented.py.
+_PLANE_MIN_PIXELS = 56 * 56
+
+
+def oriented_plane_takes(shape: Tuple[int, int, int, int], taps: int, dtype: torch.dtype) -> bool:
+    """Whether the plane kernels (forward and input gradient) take a stride-1 oriented conv of
+    NCHW tensors of ``shape``: the block's staged planes (the images of one channel it takes,
+    each with a zero halo of min(S // 2, side - 1)) and its tap table fit the shared memory it
+    may use (the extension's ``oriented_plane_takes`` says the same; tests compare them)."""
+    n, _, h, w = shape
+    element = torch.empty((), dtype=dtype).element_size()
+    hp = h + 2 * min(taps // 2, max(h - 1, 0))
+    wp = w + 2 * min(taps // 2, max(w - 1, 0))
+    head = -(-taps * (_TAP_BYTES + (8 if dtype == torch.float64 else 4)) // 16) * 16
+
+    def smem(planes: int) -> int:
+        return head + (planes * hp + _PLANE_ROWS) * wp * element
+
+    planes = max(1, min(_PLANE_PIXELS // max(h * w, 1), _MAX_PLANES, max(n, 1)))
+    while planes > 1 and smem(planes) > _PLANE_SMEM_LIMIT:
+        planes -= 1
+    return smem(planes) <= _PLANE_SMEM_LIMIT
+
+
+@functools.lru_cache(maxsize=1024)
+def _oriented_plan(direction: str, shape: Tuple[int, int, int, int], taps: int,
+                   dtype: torch.dtype, stride: int, channels_last: bool, forced: str) -> str:
+    takes = (direction != "weight_grad" and stride == 1 and not channels_last
+             and oriented_plane_takes(shape, taps, dtype))
+    if forced == "plane" and not takes:
+        raise ValueError(f"the forced oriented formulation 'plane' cannot take the {direction} "
+                         f"launch of a {'channels_last' if channels_last else 'NCHW'} {shape} "
+                         f"{dtype} input, stride {stride}, {taps} taps (it takes the forward and "
+                         "input gradient at stride 1 on NCHW planes that fit shared memory); "
+                         "lift the forcing (kernels.plan.configure(oriented='auto'))")
+    if forced == "auto":
+        return "plane" if takes and shape[2] * shape[3] >= _PLANE_MIN_PIXELS else "gather"
+    return forced if takes else "gather"
+
+
+def oriented_formulation(direction: str, shape: Tuple[int, int, int, int], taps: int,
+                         dtype: torch.dtype, stride: int, channels_last: bool) -> str:
+    """``plane`` or ``gather`` for one launch of the oriented op; ``shape`` is the full-resolution
+    tensor's (x, or the input gradient). The plane kernels stage whole planes in shared memory
+    and read every tap from there (forward and input gradient, stride 1, NCHW); the gather
+    kernels read taps from global memory and take everything else (the weight gradient,
+    stride 2, channels_last, planes too large to stage)."""
+    return _oriented_plan(direction, tuple(int(v) for v in shape), int(taps), dtype, int(stride),
+                          channels_last, settings().oriented)
 
 
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype:

@@ -244,3 +244,109 @@ def test_cuda_kernel_under_autocast_and_torch_compile():
     torch.testing.assert_close(y.float(), expected, rtol=2e-2, atol=2e-2)
     compiled = torch.compile(conv, fullgraph=True)
     torch.testing.assert_close(compiled(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def _formulations_run(conv, x, impl, oriented):
+    """_run with the oriented formulation forced (``auto`` lifts it), and the formulations the
+    plan gave the launches, in call order."""
+    import kernels.oriented
+    from kernels import plan
+    chosen = []
+
+    def record(*args):
+        chosen.append(plan.oriented_formulation(*args))
+        return chosen[-1]
+
+    with plan.using(oriented=oriented), mock.patch.object(kernels.oriented,
+                                                          "oriented_formulation", record):
+        return _run(conv, x, impl), chosen
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("size,taps,batch", [
+    ((13, 11), 15, 3), ((56, 56), 31, 2), ((7, 7), 31, 20), ((14, 9), 31, 5), ((1, 5), 7, 2),
+    ((20, 33), 31, 1)])
+def test_plane_kernels_equal_the_torch_path_in_float64(size, taps, batch):
+    """The shared-memory plane kernels (forward and input gradient, stride 1, NCHW), and the
+    gather kernels, against the sparse-kernel path, forward and all gradients: planes smaller
+    than the halo, several images per block (7x7 x 20), one row."""
+    torch.manual_seed(0)
+    channels = 16
+    angles = [math.pi * ((8 * (c + 1) - 1) // channels / 8) for c in range(channels)]
+    conv = OrientedConv1d(channels, taps, angle=angles).double().cuda()
+    x = torch.randn(batch, channels, *size, dtype=torch.float64, device="cuda")
+    *torchs, _ = _run(conv, x, "torch")
+    (*planes, calls), chosen = _formulations_run(conv, x, "cuda", "plane")
+    assert calls == 1 and chosen == ["plane"] * 2
+    (*gathers, _), chosen = _formulations_run(conv, x, "cuda", "gather")
+    assert chosen == ["gather"] * 2
+    for got_plane, got_gather, expected in zip(planes, gathers, torchs):
+        torch.testing.assert_close(got_plane, expected, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(got_gather, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.gpu
+def test_plane_kernels_take_offsets_beyond_the_halo():
+    """The op takes any integer offsets: taps farther out than S // 2 but inside the plane read
+    global memory, taps beyond the plane read nothing; the plane and gather kernels agree."""
+    import kernels
+    from kernels import plan
+    torch.manual_seed(0)
+    n, c, h, w, taps = 3, 5, 12, 10, 5
+    x = torch.randn(n, c, h, w, dtype=torch.float64, device="cuda", requires_grad=True)
+    weight = torch.randn(taps, c, dtype=torch.float64, device="cuda", requires_grad=True)
+    offsets = torch.randint(-13, 14, (taps, c, 2), dtype=torch.int32)
+    offsets[0, 0] = torch.tensor([9, -7], dtype=torch.int32)  # past the halo of 2, inside
+    offsets = offsets.cuda()
+    results = []
+    for oriented in ("plane", "gather"):
+        with plan.using(oriented=oriented):
+            y = kernels.oriented_conv1d(x, weight, offsets)
+            grads = torch.autograd.grad(y, (x, weight), y.detach().cos())
+        results.append((y.detach(), *grads))
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.gpu
+def test_forcing_the_plane_kernels_where_they_cannot_run_is_an_error():
+    from kernels import plan
+    conv = OrientedConv1d(8, 9, stride=2, angle=0.3).cuda()
+    with plan.using(impl="cuda", oriented="plane"), pytest.raises(ValueError, match="stride 2"):
+        conv(torch.randn(1, 8, 16, 16, device="cuda"))
+
+
+def test_plan_mirrors_which_planes_the_extension_stages():
+    """plan.oriented_plane_takes mirrors the extension's shared-memory limit (no GPU needed)."""
+    import kernels
+    from kernels import plan
+    if not kernels.is_built():
+        pytest.skip("needs the built extension (make test builds it)")
+    ops = kernels.load_extension(jit=False)
+    answers = set()
+    for dtype in (torch.float64, torch.float32, torch.bfloat16):
+        for n in (1, 3, 64):
+            for h, w in ((1, 1), (7, 7), (14, 9), (20, 18), (56, 56), (57, 61), (96, 96),
+                         (112, 112), (150, 90), (224, 224)):
+                for taps in (1, 7, 31, 63):
+                    ours = plan.oriented_plane_takes((n, 4, h, w), taps, dtype)
+                    theirs = ops.oriented_plane_takes(n, 4, h, w, taps, dtype)
+                    assert ours == theirs, (dtype, n, h, w, taps)
+                    answers.add(ours)
+    assert answers == {True, False}
+
+
+def test_throughput_bound_skips_oriented_convs_exactly():
+    """benchmarks/throughput.py's ``bound`` passes an oriented conv's input on (every stride-th
+    pixel, plus the bias), in both layouts, and leaves the conv untouched afterwards."""
+    from benchmarks.throughput import depthwise_convs_skipped
+    torch.manual_seed(0)
+    conv = OrientedConv1d(8, 9, stride=2, angle=0.4)
+    conv_nhwc = OrientedConv1d(8, 9, angle=0.4, nhwc=True)
+    x = torch.randn(2, 8, 7, 6)
+    expected = conv(x)
+    with depthwise_convs_skipped():
+        torch.testing.assert_close(conv(x), x[:, :, ::2, ::2] + conv.bias.view(1, -1, 1, 1))
+        nhwc = x.permute(0, 2, 3, 1)
+        torch.testing.assert_close(conv_nhwc(nhwc), nhwc + conv_nhwc.bias)
+    torch.testing.assert_close(conv(x), expected)

@@ -11,7 +11,8 @@ input; the plan is then made for ``--batch_size`` images in ``--dtype`` (the aut
 ``--amp``), as a GPU run would be planned: torch's conv or lknets' kernel, and for lknets' kernel
 the formulation of the forward / input-gradient / weight-gradient launches (plane, small, mid,
 rows or direct GEMM), and whether dilated convs run as sub-grids or a dense kernel and tall
-kernels on transposed views. Oriented 1D convs report which implementation runs them.
+kernels on transposed views. Oriented 1D convs report the implementation and, on lknets' kernel,
+the formulation of each launch (plane or gather).
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def conv_inputs(model: torch.nn.Module, input_size: int) -> Dict[Tuple, int]:
         shape = tuple(inputs[0].shape[1:])
         if isinstance(module, OrientedConv1d):
             shape = (shape[2], shape[0], shape[1]) if module.nhwc else shape
-            key = ("oriented", shape, tuple(module.kernel_size), module.stride[0])
+            key = ("oriented", shape, tuple(module.kernel_size), (module.stride[0], module.nhwc))
         else:
             key = ("depthwise", shape, tuple(module.weight.shape[-2:]), module.dilation[0])
         seen[key] = seen.get(key, 0) + 1
@@ -61,8 +62,13 @@ def plan_rows(seen: Dict[Tuple, int], batch_size: int, dtype: torch.dtype, chann
     rows = []
     for (kind, shape, kernel, extra), count in seen.items():
         if kind == "oriented":
-            runs = "lknets oriented" if plan.get_lk_impl() != "torch" else "torch (sparse 2D)"
-            rows.append(f"| {shape} | oriented 1x{kernel[1]} | stride {extra} | {count} | {runs} |")
+            stride, nhwc = extra
+            runs = "torch (sparse 2D)"
+            if plan.get_lk_impl() != "torch":
+                runs = "lknets oriented " + "/".join(
+                    plan.oriented_formulation(direction, (batch_size,) + shape, kernel[1], dtype,
+                                              stride, nhwc) for direction in plan.DIRECTIONS)
+            rows.append(f"| {shape} | oriented 1x{kernel[1]} | stride {stride} | {count} | {runs} |")
             continue
         got = plan.plan_conv((batch_size,) + shape, kernel, dtype, channels_last,
                              (extra, extra), compiling)

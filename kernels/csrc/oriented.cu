@@ -18,6 +18,12 @@
 // slice and a pixel chunk, keeps SC tap sums in registers, reduces them across its threads in
 // shared memory, and writes one partial per chunk; the chunks are summed in a fixed order (the
 // gradient is deterministic).
+//
+// These are the "gather" formulation; for the forward and input gradient at stride 1 on NCHW
+// planes that fit shared memory the plan (kernels/plan.py: oriented_formulation) can run the
+// "plane" kernels of oriented_plane.cu instead, and each op runs the formulation it is given.
+#include "oriented.h"
+
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -119,7 +125,26 @@ __global__ void __launch_bounds__(kThreads) oriented_forward_kernel(
 // none ((w - dw) divisible by st for one k means for every k), and it reaches kRun consecutive
 // gradient columns q0 + k. Per tap: one row test and one column test, then kRun multiply-adds on
 // contiguous reads (measured on the stride-2 stem: one test per column, with per-column division,
-// left three of four column slots idle).
+// left three of four column slots idle). Whether a tap reaches a thread's columns depends on its
+// offset and residue, so the lanes of a warp are laid out to agree: the residue is the slowest
+// part of the run index (neighbouring runs share it), and on channels_last input with C a multiple
+// of kChannelBlock the lanes take kChannelBlock channels of 32 / kChannelBlock neighbouring runs
+// rather than 32 channels, since upstream's direction groups are runs of C / 8 channels (the
+// stem's 64 channels: 8 per direction), and 32 channels would span four directions whose lanes
+// take different taps.
+constexpr int kChannelBlock = 8;
+
+template <typename Index>
+__device__ __forceinline__ void decompose_blocked(Index i, Index c, Index rows, Index cols,
+                                                  Index& n_, Index& c_, Index& r_, Index& q_) {
+  const Index inner = i % Index(kChannelBlock);
+  i /= Index(kChannelBlock);
+  q_ = i % cols; i /= cols;
+  const Index blocks = c / Index(kChannelBlock);
+  c_ = (i % blocks) * Index(kChannelBlock) + inner; i /= blocks;
+  r_ = i % rows; n_ = i / rows;
+}
+
 template <typename T, bool kChannelsLast, int kStride, typename Index,
           typename Acc = at::opmath_type<T>>
 __global__ void __launch_bounds__(kThreads) oriented_input_grad_kernel(
@@ -133,9 +158,14 @@ __global__ void __launch_bounds__(kThreads) oriented_input_grad_kernel(
   for (Index i = blockIdx.x * Index(kThreads) + threadIdx.x; i < total;
        i += Index(gridDim.x) * kThreads) {
     Index n, c, h, run;
-    decompose<kChannelsLast, Index>(i, Index(g.c), Index(g.h), runs, n, c, h, run);
-    const int r = int(run % Index(st));
-    const int w0 = int(run / Index(st)) * int(span) + r;
+    if (kChannelsLast && g.c % kChannelBlock == 0) {
+      decompose_blocked<Index>(i, Index(g.c), Index(g.h), runs, n, c, h, run);
+    } else {
+      decompose<kChannelsLast, Index>(i, Index(g.c), Index(g.h), runs, n, c, h, run);
+    }
+    const Index per_residue = runs / Index(st);
+    const int r = int(run / per_residue);
+    const int w0 = int(run % per_residue) * int(span) + r;
     const T* plane = grad_out + (n * Index(g.ys[0]) + c * Index(g.ys[1]));
     Acc acc[kRun];
 #pragma unroll
@@ -309,6 +339,19 @@ void check_args(const at::Tensor& t, const at::Tensor& weight, const at::Tensor&
   TORCH_CHECK(stride >= 1, "oriented conv: stride must be >= 1");
 }
 
+// The plane formulation where the plan asks for it; refused where it cannot take the conv (the
+// plan's mirror and the kernels disagree).
+bool runs_plane(bool plane, bool cl, const at::Tensor& full, int64_t taps, int64_t stride) {
+  if (plane) {
+    TORCH_CHECK(!cl && stride == 1 && plane_takes(full.size(0), full.size(1), full.size(2),
+                                                  full.size(3), taps, full.scalar_type()),
+                "oriented conv: the plane formulation cannot take this conv (stride ", stride,
+                ", channels_last ", cl, ", shape ", full.sizes(), ", ", taps, " taps, ",
+                full.scalar_type(), "); kernels/plan.py's oriented_formulation should not ask");
+  }
+  return plane;
+}
+
 int grid_for(int64_t total) {
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   return int(std::max<int64_t>(1, std::min<int64_t>((total + kThreads - 1) / kThreads, sms * 16)));
@@ -316,7 +359,7 @@ int grid_for(int64_t total) {
 
 at::Tensor oriented_forward(const at::Tensor& x_in, const at::Tensor& weight,
                             const at::Tensor& offsets, const c10::optional<at::Tensor>& bias,
-                            int64_t stride) {
+                            int64_t stride, bool plane) {
   check_args(x_in, weight, offsets, stride);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const bool cl = channels_last(x_in);
@@ -330,6 +373,10 @@ at::Tensor oriented_forward(const at::Tensor& x_in, const at::Tensor& weight,
   const at::Tensor b_t = bias.has_value() ? bias->contiguous() : at::Tensor();
   TORCH_CHECK(!b_t.defined() || (b_t.numel() == x.size(1) && b_t.scalar_type() == x.scalar_type()),
               "oriented conv: bias must have C elements of the input's dtype");
+  if (runs_plane(plane, cl, x, weight.size(0), stride)) {
+    plane_gather(x, weight, offsets, b_t, y, false);
+    return y;
+  }
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "oriented_forward", [&] {
     const scalar_t* b = b_t.defined() ? b_t.data_ptr<scalar_t>() : nullptr;
@@ -346,7 +393,7 @@ at::Tensor oriented_forward(const at::Tensor& x_in, const at::Tensor& weight,
 
 at::Tensor oriented_input_grad(const at::Tensor& grad_in, const at::Tensor& weight,
                                const at::Tensor& offsets, int64_t height, int64_t width,
-                               int64_t stride) {
+                               int64_t stride, bool plane) {
   check_args(grad_in, weight, offsets, stride);
   const c10::cuda::CUDAGuard guard(grad_in.device());
   const bool cl = channels_last(grad_in);
@@ -357,6 +404,10 @@ at::Tensor oriented_input_grad(const at::Tensor& grad_in, const at::Tensor& weig
                             dy.options().memory_format(cl ? at::MemoryFormat::ChannelsLast
                                                           : at::MemoryFormat::Contiguous));
   if (dx.numel() == 0) return dx;
+  if (runs_plane(plane, cl, dx, weight.size(0), stride)) {
+    plane_gather(dy, weight, offsets, at::Tensor(), dx, true);
+    return dx;
+  }
   const Geometry g = make_geometry(dx, dy, weight.size(0), stride);
   const auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy.scalar_type(), "oriented_input_grad", [&] {
@@ -385,6 +436,10 @@ at::Tensor oriented_weight_grad(const at::Tensor& x_in, const at::Tensor& grad_i
   const bool cl = channels_last(x_in);
   const at::Tensor x = in_layout(x_in, cl), dy = in_layout(grad_in, cl);
   const int64_t taps = offsets.size(0), channels = x.size(1);
+  TORCH_CHECK(dy.size(0) == x.size(0) && dy.size(1) == channels &&
+                  dy.size(2) == (x.size(2) - 1) / stride + 1 &&
+                  dy.size(3) == (x.size(3) - 1) / stride + 1,
+              "oriented conv: gradient shape does not match the input and stride");
   const Geometry g = make_geometry(x, dy, taps, stride);
   const int64_t items = g.n * g.ho * ((g.wo + kRun - 1) / kRun);
   const int block_channels = cl ? 32 : 1;
@@ -417,11 +472,14 @@ at::Tensor oriented_weight_grad(const at::Tensor& x_in, const at::Tensor& grad_i
 }  // namespace lknets
 
 TORCH_LIBRARY_FRAGMENT(lknets_cuda, m) {
-  m.def("oriented_forward(Tensor x, Tensor weight, Tensor offsets, Tensor? bias, int stride) "
-        "-> Tensor");
+  m.def("oriented_forward(Tensor x, Tensor weight, Tensor offsets, Tensor? bias, int stride, "
+        "bool plane) -> Tensor");
   m.def("oriented_input_grad(Tensor grad_out, Tensor weight, Tensor offsets, int height, "
-        "int width, int stride) -> Tensor");
+        "int width, int stride, bool plane) -> Tensor");
   m.def("oriented_weight_grad(Tensor x, Tensor grad_out, Tensor offsets, int stride) -> Tensor");
+  // What kernels/plan.py's oriented_formulation mirrors, for the tests (no tensor: any device).
+  m.def("oriented_plane_takes(int n, int c, int h, int w, int taps, ScalarType dtype) -> bool",
+        &lknets::plane_takes);
 }
 
 TORCH_LIBRARY_IMPL(lknets_cuda, CUDA, m) {
