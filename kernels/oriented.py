@@ -6,8 +6,9 @@ NCHW or channels_last memory, ``y[n, c, p, q] = bias[c] + sum_s weight[s, c] * x
 ceil(H / stride) x ceil(W / stride) in the input's memory format. ``weight`` is (S, C) and
 ``offsets`` int32 (S, C, 2): the caller (models/oriented_conv.py) computes the tap offsets once,
 from the angles. One launch covers all channels and directions; kernels/plan.py
-(``oriented_formulation``) picks the plane or gather kernels of each forward and input-gradient launch (kernels/csrc/
-oriented_plane.cu and oriented.cu say how they run). Gradients reach ``x``, ``weight`` and ``bias``; the weight gradient is deterministic.
+(``oriented_formulation``) picks the plane or gather kernels of each forward and input-gradient
+launch (kernels/csrc/oriented_plane.cu and oriented.cu say how they run). Gradients reach ``x``,
+``weight`` and ``bias``; the weight gradient is deterministic.
 As for ``lknets::dwconv2d``, the op is a torch custom op (torch.compile, fake tensors) and eager
 calls on plain CUDA tensors take a leaner autograd.Function over the same extension ops.
 """
