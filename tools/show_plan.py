@@ -68,7 +68,8 @@ def plan_rows(seen: Dict[Tuple, int], batch_size: int, dtype: torch.dtype, chann
                 runs = "lknets oriented " + "/".join(
                     plan.oriented_formulation(direction, (batch_size,) + shape, kernel[1], dtype,
                                               stride, nhwc) for direction in plan.DIRECTIONS)
-            rows.append(f"| {shape} | oriented 1x{kernel[1]} | stride {stride} | {count} | {runs} |")
+            rows.append(f"| {shape} | oriented 1x{kernel[1]} | stride {stride} | {count} | "
+                        f"{runs} |")
             continue
         got = plan.plan_conv((batch_size,) + shape, kernel, dtype, channels_last,
                              (extra, extra), compiling)
