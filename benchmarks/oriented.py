@@ -62,7 +62,7 @@ def time_shape(shape, dtype) -> dict:
         out[impl] = {"fwd": timed(forward), "f+b": timed(forward_backward)}
     planned = plan.oriented_formulation("forward", (n, c, h, h), s, dtype, stride,
                                         layout == "nhwc")
-    if stride == 1 and layout == "nchw" and plan.oriented_plane_takes((n, c, h, h), s, dtype):
+    if plan.oriented_plane_can_run("forward", (n, c, h, h), s, dtype, stride, layout == "nhwc"):
         set_lk_impl("cuda")  # both formulations on the same conv, for the plan's rule
         for name in ("plane", "gather"):
             with plan.using(oriented=name):

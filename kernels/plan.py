@@ -38,7 +38,7 @@ __all__ = ["IMPLS", "FORMULATIONS", "DIRECTIONS", "Settings", "settings", "confi
            "set_lk_impl", "get_lk_impl", "ConvPlan", "Launch", "plan_conv", "formulation",
            "supports", "launch_of", "transposed", "dilation_mode", "lknets_wins", "extension_ready",
            "oriented_runs_lknets", "oriented_formulation", "oriented_plane_takes",
-           "planned_depthwise_conv2d"]
+           "oriented_plane_can_run", "planned_depthwise_conv2d"]
 
 IMPLS = ("auto", "cuda", "torch")
 # Numbered as the Formulation enum of kernels/csrc/dwconv.h: the index is what the op passes.
@@ -252,11 +252,18 @@ def oriented_plane_takes(shape: Tuple[int, int, int, int], taps: int, dtype: tor
     return smem(planes) <= _PLANE_SMEM_LIMIT
 
 
+def oriented_plane_can_run(direction: str, shape: Tuple[int, int, int, int], taps: int,
+                           dtype: torch.dtype, stride: int, channels_last: bool) -> bool:
+    """Whether the plane kernels can take this launch (whether or not the plan picks them):
+    a forward or input gradient at stride 1 on NCHW planes they can stage."""
+    return (direction != "weight_grad" and stride == 1 and not channels_last
+            and oriented_plane_takes(shape, taps, dtype))
+
+
 @functools.lru_cache(maxsize=1024)
 def _oriented_plan(direction: str, shape: Tuple[int, int, int, int], taps: int,
                    dtype: torch.dtype, stride: int, channels_last: bool, forced: str) -> str:
-    takes = (direction != "weight_grad" and stride == 1 and not channels_last
-             and oriented_plane_takes(shape, taps, dtype))
+    takes = oriented_plane_can_run(direction, shape, taps, dtype, stride, channels_last)
     if forced == "plane" and not takes:
         raise ValueError(f"the forced oriented formulation 'plane' cannot take the {direction} "
                          f"launch of a {'channels_last' if channels_last else 'NCHW'} {shape} "
