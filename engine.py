@@ -157,8 +157,12 @@ def train_one_epoch(model: torch.nn.Module, criterion: Union[torch.nn.Module, In
     optimizer.zero_grad()
     params = [p for p in model.parameters() if p.requires_grad]
     total = num_training_steps_per_epoch * update_freq
-    # Throughput is timed after a few warm-up iterations (cudnn autotuning, allocator growth).
-    timed_from = min(5, total // 2)
+    # Throughput is timed over the second half of the epoch. That skips the warm-up iterations
+    # (cudnn autotuning, allocator growth, compiling), and the batches the loader's workers queued
+    # meanwhile: when loading is the bottleneck they arrive at the GPU's pace, not the loader's,
+    # and counting them overstated a loader-bound rate. By mid-epoch the queue is as full (GPU
+    # bound) or as empty (loader bound) as at its end.
+    timed_from = total // 2
     timed_start, timed_images = None, 0
 
     # A non-finite loss is found when the records are flushed, at the next progress line: the

@@ -12,12 +12,11 @@ file size); every image comes from its own seeded generator. Each --model and --
 trains one epoch through ``main.py --data_set IMNET --data_path ROOT`` with the upstream recipe
 (main.py's defaults: RandAugment, random erasing, mixup/cutmix; EMA on, as upstream's README
 trains) under bf16 autocast, no evaluation, nothing saved; its rate is the `Training throughput`
-line (the epoch after 5 warm-up steps). The synthetic rate is benchmarks/throughput.py's train
+line (the second half of the epoch). The synthetic rate is benchmarks/throughput.py's train
 step for the same model, batch, size, autocast dtype, --lk_impl and --compile (CUDA only; "n/a"
 elsewhere). Flags after `--` go to main.py last, so they override the ones set here. The files,
 just written, are read from the page cache: disk reads are not timed. The ratio also holds what
-main.py adds to a step besides loading (EMA update, mixup, grad norm), and main.py counts the
-batches its workers prefetched during warm-up at no cost, which a short epoch shows most.
+main.py adds to a step besides loading (EMA update, mixup, grad norm).
 """
 from __future__ import annotations
 

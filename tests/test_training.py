@@ -259,3 +259,33 @@ def test_the_demo_uses_the_default_recipe():
     start = makefile.index("DEMO_ARGS ?=")
     demo = makefile[start:makefile.index("\n\n", start)].replace("\\\n", " ").split()[2:]
     assert "--model" in demo and not RECIPE_OFF & set(demo), demo
+
+
+def test_throughput_is_the_steady_rate_not_the_queued_batches(monkeypatch, capsys):
+    """A loader-bound epoch: the first half of the batches were queued by the workers during
+    warm-up and arrive at once, the rest take 1 s each (a fake clock). The reported rate is the
+    loader's, about one batch per second, not the 1.75 batches per second that counting the
+    queued batches gave."""
+    import time
+
+    import models
+    import utils
+
+    clock = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    batch, iterations = 8, 40
+
+    def loader():
+        for i in range(iterations):
+            if i >= iterations // 2:
+                clock[0] += 1.0
+            yield torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+
+    model = models.create_model("convnext_atto", num_classes=10)
+    stats = engine.train_one_epoch(model, torch.nn.CrossEntropyLoss(), loader(),
+                                   torch.optim.SGD(model.parameters(), lr=0.1),
+                                   torch.device("cpu"), 0, utils.LossScaler(False, "cpu"),
+                                   num_training_steps_per_epoch=iterations, print_freq=100)
+    # 20 timed batches, 19 of them loaded inside the timed window.
+    assert stats["images_per_sec"] == pytest.approx(batch * 20 / 19)
+    assert f"Training throughput: {batch * 20 / 19:.1f} images/s" in capsys.readouterr().out
