@@ -56,20 +56,21 @@ def depthwise_convs_skipped():
     conv2d = F.conv2d
     oriented = oriented_conv.oriented_conv1d_planned
 
-    def oriented_skipped(x, weight, bias, groups, positions, offsets, stride, resid, nhwc):
-        autocast = torch.is_autocast_enabled("cuda")
-        y = x.to(torch.get_autocast_dtype("cuda")) if autocast else x
-        y = y[:, ::stride, ::stride] if nhwc else y[:, :, ::stride, ::stride]
+    def passed_on(y, bias, nhwc=False):
+        if torch.is_autocast_enabled("cuda"):
+            y = y.to(torch.get_autocast_dtype("cuda"))
         if bias is None:
             return y
         return y + bias.to(y.dtype) if nhwc else y + bias.to(y.dtype).view(1, -1, 1, 1)
 
+    def oriented_skipped(x, weight, bias, groups, positions, offsets, stride, resid, nhwc):
+        return passed_on(x[:, ::stride, ::stride] if nhwc else x[:, :, ::stride, ::stride],
+                         bias, nhwc)
+
     def skipped(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
         if groups == 1 or groups != x.shape[1] or weight.shape[0] != groups or stride not in (1, (1, 1)):
             return conv2d(x, weight, bias, stride, padding, dilation, groups)
-        autocast = torch.is_autocast_enabled("cuda")
-        y = x.to(torch.get_autocast_dtype("cuda")) if autocast else x
-        return y if bias is None else y + bias.to(y.dtype).view(1, -1, 1, 1)
+        return passed_on(x, bias)
 
     F.conv2d = skipped
     oriented_conv.oriented_conv1d_planned = oriented_skipped
@@ -188,9 +189,9 @@ def main() -> None:
         runs = itertools.product([f for f in forms if f == "train" or deployable],
                                  args.lk_impl.split(","))
         for form, impl in runs:
-            train, infer, gpu, warmup_s = measure(name, impl, AMP[args.amp_dtype], args.batch_size,
-                                        args.input_size, args.warmup, args.steps, args.profile,
-                                        args.compile, deploy=form == "deploy")
+            train, infer, gpu, warmup_s = measure(
+                name, impl, AMP[args.amp_dtype], args.batch_size, args.input_size, args.warmup,
+                args.steps, args.profile, args.compile, deploy=form == "deploy")
             base = base or (train, infer)
             row = (f"| {name} | {form} | {impl} | {train:.1f} ({train / base[0]:.2f}x) | "
                    f"{infer:.1f} ({infer / base[1]:.2f}x) |")

@@ -272,7 +272,7 @@ def _oriented_plan(direction: str, shape: Tuple[int, int, int, int], taps: int,
                          "lift the forcing (kernels.plan.configure(oriented='auto'))")
     if forced == "auto":
         return "plane" if takes and shape[2] * shape[3] >= _PLANE_MIN_PIXELS else "gather"
-    return forced if takes else "gather"
+    return forced
 
 
 def oriented_formulation(direction: str, shape: Tuple[int, int, int, int], taps: int,

@@ -8,7 +8,7 @@
 
 namespace lknets {
 
-// Mirrored by kernels/plan.py (_oriented_plane_fits): change both together.
+// Mirrored by kernels/plan.py (oriented_plane_takes): change both together.
 constexpr int64_t kPlanePixels = 1024;        // staged pixels a block aims for
 constexpr int64_t kMaxPlanes = 16;            // images of one channel staged per block, at most
 constexpr int64_t kPlaneSmemLimit = 64 * 1024;  // shared memory of one block, at most
