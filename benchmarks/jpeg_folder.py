@@ -108,7 +108,7 @@ def synthetic_rate(name: str, args: argparse.Namespace) -> Optional[float]:
         return None
     amp_dtype = AMP_DTYPES[args.amp_dtype] if args.use_amp else None
     train = measure(name, args.lk_impl, amp_dtype, args.batch_size, args.input_size or 224,
-                    warmup=3, steps=10, compile_mode=args.compile)[0]
+                    warmup=3, steps=10, compile_mode=args.compile, inference=False)[0]
     torch.cuda.empty_cache()
     return train
 

@@ -108,16 +108,19 @@ def gpu_time_ms(step) -> tuple:
 
 
 def has_deploy_form(name: str) -> bool:
-    model = create_model(name, **PAPER_KWARGS.get(name, {}))
+    with torch.device("meta"):  # structure only: no weights are initialised
+        model = create_model(name, **PAPER_KWARGS.get(name, {}))
     return any(hasattr(m, "reparameterize") for m in model.modules())
 
 
 def measure(name: str, impl: str, amp_dtype, batch: int, size: int, warmup: int, steps: int,
-            profile: bool = False, compile_mode: Optional[str] = None, deploy: bool = False):
+            profile: bool = False, compile_mode: Optional[str] = None, deploy: bool = False,
+            inference: bool = True):
+    """(train img/s, inference img/s or None, (GPU ms, GPU ops) or None, warm-up s)."""
     if impl == "bound":
         with depthwise_convs_skipped():
             return measure(name, "torch", amp_dtype, batch, size, warmup, steps, profile,
-                           compile_mode, deploy)
+                           compile_mode, deploy, inference)
     set_lk_impl(impl)
     torch.manual_seed(0)
     model = create_model(name, **PAPER_KWARGS.get(name, {}))
@@ -148,11 +151,14 @@ def measure(name: str, impl: str, amp_dtype, batch: int, size: int, warmup: int,
     model.train()
     step_s, warmup_s = median_step_s(train_step, warmup, steps)
     gpu = gpu_time_ms(train_step) if profile else None
-    model.eval()
-    infer_s, infer_warmup_s = median_step_s(infer_step, warmup, steps)
+    infer_rate = None
+    if inference:
+        model.eval()
+        infer_s, infer_warmup_s = median_step_s(infer_step, warmup, steps)
+        infer_rate, warmup_s = batch / infer_s, warmup_s + infer_warmup_s
     del model, optimizer
     torch.cuda.empty_cache()
-    return batch / step_s, batch / infer_s, gpu, warmup_s + infer_warmup_s
+    return batch / step_s, infer_rate, gpu, warmup_s
 
 
 def main() -> None:
